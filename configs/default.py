@@ -1,0 +1,152 @@
+"""Every field of a diffuseg_jax run, with its default. Dataset configs import this and override.
+
+Run:  python -m diffuseg_jax.main --config=configs/default.py --workdir=runs/default
+(The defaults are the embedded MNIST -> MNIST-M experiment; `configs/mnist_m.py` is the named entry.)
+"""
+
+import ml_collections
+
+ALL_STAGES = 'teacher,student,autoencoder,diffusion,synthesize,segment,evaluate'
+
+
+def d(**kwargs) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(kwargs)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Comma-separated subset of ALL_STAGES, run in pipeline order. A stage whose final checkpoint/output
+  # exists in the workdir is skipped (resume).
+  c.stages = ALL_STAGES
+
+  c.data = d(
+      name='mnist_m',  # mnist_m | folder | mscmr | acdc | mmwhs | retina
+      root=None,  # dataset folder (required for every dataset except mnist_m)
+      image_size=32,  # slices/images are resized (or padded, mnist_m) to image_size x image_size
+      # Embedded MNIST -> MNIST-M: counts of digits in each disjoint split (of the 5,000 shipped digits).
+      num_source=2000,
+      num_target=2000,
+      num_test=1000,
+      mnist_idx_dir=None,  # optional folder with full MNIST idx files (train-images-idx3-ubyte[.gz], ...)
+      # Medical / folder options.
+      source=None,  # dataset-specific source selector (e.g. MSCMR sequence 'C0', MM-WHS modality 'mr')
+      target=None,  # dataset-specific target selector (e.g. 'DE', 'ct')
+      target_root=None,  # optional second root when the target is a different dataset (e.g. IOSTAR)
+      slice_axis=2,  # axis of the (canonically reoriented, RAS) volume that 2D slices are taken along
+      percentiles=(0.5, 99.5),  # robust intensity normalisation per volume
+      empty_slices='keep',  # keep | drop | drop_source: slices whose label is all background
+      split_fractions=(0.7, 0.1, 0.2),  # train / val / test, by subject
+      channels=None,  # force a channel count (1 or 3); None: the larger of source/target
+      max_cases=None,  # cap the number of subjects per split (quick runs)
+  )
+
+  # FFD-VAE (paper section III-B, eq. 1-6).
+  c.vae = d(
+      base_channels=32,
+      levels=2,  # downsampling levels of the encoders: z_seg is (H / 2^levels, W / 2^levels, z_seg_channels)
+      z_seg_channels=8,
+      z_dom_dim=16,
+      beta=1e-3,  # weight of the KL(q(z|x) || N(0, I)) terms of both encoders
+      seg_weight=1.0,  # teacher: CE + soft Dice weight
+      alpha=1.0,  # eq. 3: L_skd = L_kd + alpha * L_latent
+      lam=1.0,  # eq. 6: L_FFD = L_rec + lam * L_skd
+      dist='dice',  # eq. 1 Dist(): 'dice' (soft Dice) or 'js' (1 - Jensen-Shannon divergence / log 2)
+      latent_temperature=1.0,  # softmax temperature of the flattened bottlenecks in eq. 2
+      teacher_steps=1500,
+      student_steps=1500,
+      batch_size=64,
+      learning_rate=1e-3,
+  )
+
+  # Latent space of the diffusion model (stage `autoencoder`).
+  c.autoencoder = d(
+      kind='identity',  # identity (pixel space) | kl (trained here) | pretrained (local diffusers Flax dir)
+      path=None,  # local directory of a diffusers FlaxAutoencoderKL, for kind='pretrained'
+      downsample=4,  # spatial factor f for kind='kl' (power of two)
+      latent_channels=4,
+      base_channels=32,
+      kl_weight=1e-6,
+      steps=2000,
+      batch_size=32,
+      learning_rate=1e-3,
+      scaling_factor=None,  # latents are multiplied by this; None: 1 / std of training latents
+  )
+
+  # Conditional diffusion UNet D(x_t, t, z_dom) (eq. 7).
+  c.diffusion = d(
+      schedule='linear',  # linear | scaled_linear | cosine
+      num_timesteps=1000,
+      beta_start=1e-4,
+      beta_end=2e-2,
+      base_channels=32,
+      channel_mult=(1, 2, 2),
+      num_res_blocks=1,
+      attention_levels=(2,),  # levels (indices into channel_mult) with self/cross-attention
+      num_heads=4,
+      cond_mode='both',  # cross_attention | film | both
+      num_cond_tokens=4,  # z_dom is projected to this many cross-attention tokens
+      cond_dropout=0.1,  # probability of replacing z_dom by the learned null condition (for guidance)
+      pretrained_unet_path=None,  # local diffusers FlaxUNet2DConditionModel directory (SD layout)
+      steps=4000,
+      batch_size=64,
+      learning_rate=2e-4,
+  )
+
+  # Blended DDIM synthesis (stage `synthesize`).
+  c.sampling = d(
+      num_steps=50,
+      eta=0.0,
+      guidance_scale=1.0,
+      blend_mode='hard',  # hard | soft | pyramid
+      blend_until=1.0,  # fraction of the DDIM steps that blend; the rest denoise freely (harmonise)
+      soft_sigma=1.0,  # soft mode: Gaussian blur sigma (latent pixels) of the mask edge
+      pyramid_levels=3,  # pyramid mode: Laplacian pyramid levels
+      region_content='rendered',  # rendered (per-class target appearance) | label (literal label map)
+      mask_union=True,  # blend with the union of foreground classes (True) or all classes incl. background
+      mask_set='source',  # source | test | folder path of label maps
+      num_masks=None,  # None: every mask of the mask set
+      batch_size=64,
+      shard_size=256,  # masks per atomically written output shard
+      save_trajectory=False,
+  )
+
+  # Segmentation UNet and the paper's Table II strategies (stage `segment`).
+  c.segmentation = d(
+      base_channels=16,
+      levels=3,
+      strategies='transfer,self,semi,diffuseg',
+      seeds=(0, 1, 2),
+      steps=800,
+      batch_size=64,
+      learning_rate=1e-3,
+      augment=True,  # random flips / 90-degree rotations
+  )
+
+  # Shared training options.
+  c.train = d(
+      ema_decay=0.999,
+      weight_decay=1e-4,
+      grad_clip=1.0,
+      warmup_steps=100,
+      log_every=50,
+      progress=True,  # tqdm progress bars
+  )
+
+  c.mesh = d(
+      axes=(('data', -1),),  # one mesh axis over all devices; batch sharded on 'data', params replicated
+  )
+
+  c.checkpoint = d(
+      every_steps=500,
+      max_to_keep=2,
+  )
+
+  c.eval = d(
+      batch_size=128,
+      hd_percentile=95.0,
+      inception_path=None,  # local Inception weights (.npz) for FID/KID; None: in-project feature network
+      num_quality_images=1000,  # synthetic and real images compared by FID / KID / MBS
+      num_figure_examples=8,
+  )
+  return c

@@ -5,6 +5,7 @@ Run:  python -m diffuseg_jax.main --config=configs/default.py --workdir=runs/def
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 ALL_STAGES = 'teacher,student,autoencoder,diffusion,synthesize,segment,evaluate'
 
@@ -22,23 +23,23 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = d(
       name='mnist_m',  # mnist_m | folder | mscmr | acdc | mmwhs | retina
-      root=None,  # dataset folder (required for every dataset except mnist_m)
+      root=placeholder(str),  # dataset folder (required for every dataset except mnist_m)
       image_size=32,  # slices/images are resized (or padded, mnist_m) to image_size x image_size
       # Embedded MNIST -> MNIST-M: counts of digits in each disjoint split (of the 5,000 shipped digits).
       num_source=2000,
       num_target=2000,
       num_test=1000,
-      mnist_idx_dir=None,  # optional folder with full MNIST idx files (train-images-idx3-ubyte[.gz], ...)
+      mnist_idx_dir=placeholder(str),  # optional folder with full MNIST idx files (train-images-idx3-ubyte[.gz], ...)
       # Medical / folder options.
-      source=None,  # dataset-specific source selector (e.g. MSCMR sequence 'C0', MM-WHS modality 'mr')
-      target=None,  # dataset-specific target selector (e.g. 'DE', 'ct')
-      target_root=None,  # optional second root when the target is a different dataset (e.g. IOSTAR)
+      source=placeholder(str),  # dataset-specific source selector (e.g. MSCMR sequence 'C0', MM-WHS modality 'mr')
+      target=placeholder(str),  # dataset-specific target selector (e.g. 'DE', 'ct')
+      target_root=placeholder(str),  # optional second root when the target is a different dataset (e.g. IOSTAR)
       slice_axis=2,  # axis of the (canonically reoriented, RAS) volume that 2D slices are taken along
       percentiles=(0.5, 99.5),  # robust intensity normalisation per volume
       empty_slices='keep',  # keep | drop | drop_source: slices whose label is all background
       split_fractions=(0.7, 0.1, 0.2),  # train / val / test, by subject
-      channels=None,  # force a channel count (1 or 3); None: the larger of source/target
-      max_cases=None,  # cap the number of subjects per split (quick runs)
+      channels=placeholder(int),  # force a channel count (1 or 3); None: the larger of source/target
+      max_cases=placeholder(int),  # cap the number of subjects per split (quick runs)
   )
 
   # FFD-VAE (paper section III-B, eq. 1-6).
@@ -62,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Latent space of the diffusion model (stage `autoencoder`).
   c.autoencoder = d(
       kind='identity',  # identity (pixel space) | kl (trained here) | pretrained (local diffusers Flax dir)
-      path=None,  # local directory of a diffusers FlaxAutoencoderKL, for kind='pretrained'
+      path=placeholder(str),  # local directory of a diffusers FlaxAutoencoderKL, for kind='pretrained'
       downsample=4,  # spatial factor f for kind='kl' (power of two)
       latent_channels=4,
       base_channels=32,
@@ -70,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
       steps=2000,
       batch_size=32,
       learning_rate=1e-3,
-      scaling_factor=None,  # latents are multiplied by this; None: 1 / std of training latents
+      scaling_factor=placeholder(float),  # latents are multiplied by this; None: 1 / std of training latents
   )
 
   # Conditional diffusion UNet D(x_t, t, z_dom) (eq. 7).
@@ -87,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
       cond_mode='both',  # cross_attention | film | both
       num_cond_tokens=4,  # z_dom is projected to this many cross-attention tokens
       cond_dropout=0.1,  # probability of replacing z_dom by the learned null condition (for guidance)
-      pretrained_unet_path=None,  # local diffusers FlaxUNet2DConditionModel directory (SD layout)
+      pretrained_unet_path=placeholder(str),  # local diffusers FlaxUNet2DConditionModel directory (SD layout)
       steps=4000,
       batch_size=64,
       learning_rate=2e-4,
@@ -105,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
       region_content='rendered',  # rendered (per-class target appearance) | label (literal label map)
       mask_union=True,  # blend with the union of foreground classes (True) or all classes incl. background
       mask_set='source',  # source | test | folder path of label maps
-      num_masks=None,  # None: every mask of the mask set
+      num_masks=placeholder(int),  # None: every mask of the mask set
       batch_size=64,
       shard_size=256,  # masks per atomically written output shard
       save_trajectory=False,
@@ -145,7 +146,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = d(
       batch_size=128,
       hd_percentile=95.0,
-      inception_path=None,  # local Inception weights (.npz) for FID/KID; None: in-project feature network
+      inception_path=placeholder(str),  # local Inception weights (.npz) for FID/KID; None: in-project feature network
       num_quality_images=1000,  # synthetic and real images compared by FID / KID / MBS
       num_figure_examples=8,
   )

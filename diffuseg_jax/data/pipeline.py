@@ -1,0 +1,197 @@
+"""grain input pipelines over in-memory arrays: infinite seeded training batches and padded eval batches.
+
+Every stage keeps its data as a dict of host numpy arrays with a common leading dimension N (e.g.
+{'image': float32 [N, H, W, C], 'label': int32 [N, H, W]}). Batches are dicts of the same keys with
+leading dimension = the per-process batch size, ready for `jax.make_array_from_process_local_data`.
+
+Multi-host: each process reads only its own rows, so a global batch is the concatenation of the
+process-local batches. Training shards rows round-robin (`process_index::process_count`, so every shard
+sees every part of the data, e.g. sorted classes); evaluation shards contiguous blocks (`shard_rows`), so
+that predictions gathered in process order come back in dataset order.
+
+Determinism: shuffling and augmentation are pure functions of (seed, process, epoch, position), so an
+iterator restored with `set_iterator_state` into a fresh pipeline built with the same arguments yields
+exactly the batches the original would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from diffuseg_jax.errors import ConfigError, DataError
+
+Batch = dict[str, np.ndarray]
+# Arrays are in memory: two reader threads and a few batches of look-ahead hide the per-record Python
+# work (gather, flips) behind the device step without holding much memory.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if count < 1 or not 0 <= index < count:
+    raise ValueError(f'process_index={index} must lie in [0, process_count={count})')
+  return index, count
+
+
+def _num_rows(arrays: dict[str, np.ndarray]) -> int:
+  if not arrays:
+    raise ValueError('arrays must hold at least one array')
+  lengths = {key: np.shape(value)[0] for key, value in arrays.items()}
+  if len(set(lengths.values())) != 1:
+    raise ValueError(f'arrays must share their leading dimension, got {lengths}')
+  return next(iter(lengths.values()))
+
+
+def _derive_seed(seed: int, process_index: int, purpose: int) -> int:
+  """A 32-bit seed (what grain accepts) that differs per process and per use, from any int seed."""
+  entropy = [abs(int(seed)), int(seed < 0), process_index, purpose]
+  return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _spatial_keys(arrays: dict[str, np.ndarray]) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+  """Keys whose records are [H, W, ...] with the image's (H, W); those are augmented together."""
+  per_record = {key: np.shape(value)[1:] for key, value in arrays.items()}
+  reference = per_record.get('image')
+  if reference is None or len(reference) < 2:
+    reference = next((shape for shape in per_record.values() if len(shape) >= 2), None)
+  if reference is None:
+    return (), None
+  hw = tuple(reference[:2])
+  return tuple(k for k, shape in per_record.items() if len(shape) >= 2 and shape[:2] == hw), hw
+
+
+def _make_augment(keys: tuple[str, ...], hw: tuple[int, int]):
+  """Random dihedral transform (rot90 for square images, vertical and horizontal flips) of one record."""
+  square = hw[0] == hw[1]
+
+  def augment(record: Batch, rng: np.random.Generator) -> Batch:
+    k = int(rng.integers(4))  # drawn even when unused, so the stream does not depend on the shape
+    flip_v, flip_h = rng.random(2) < 0.5
+    out = dict(record)
+    for key in keys:
+      value = record[key]
+      if square and k:
+        value = np.rot90(value, k, axes=(0, 1))
+      if flip_v:
+        value = value[::-1]
+      if flip_h:
+        value = value[:, ::-1]
+      out[key] = value
+    return out
+
+  return augment
+
+
+def train_iterator(
+    arrays: dict[str, np.ndarray],
+    global_batch_size: int,
+    seed: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    augment: bool = False,
+) -> grain.DatasetIterator:
+  """Infinite, checkpointable iterator of this process's training batches.
+
+  Args:
+    arrays: key -> array [N, ...] (all with the same N), e.g. 'image' [N, H, W, C] and 'label' [N, H, W].
+    global_batch_size: batch size summed over processes; each process yields
+      global_batch_size // process_count rows per batch.
+    seed: shuffling / augmentation seed. Every epoch of the process's shard is reshuffled (seed folded with
+      the epoch) and its last incomplete batch dropped.
+    process_index, process_count: this process and how many there are (default: from jax). Process p
+      reads rows p::process_count.
+    augment: random rot90 (square images only) and horizontal/vertical flips, applied identically to every
+      key whose records are [H, W, ...] with the image's (H, W); seeded per record and epoch.
+
+  Returns:
+    A grain DatasetIterator of dicts {key: [global_batch_size // process_count, ...]} (numpy, dtypes kept);
+    see `get_iterator_state` / `set_iterator_state`.
+  """
+  index, count = _process(process_index, process_count)
+  num_rows = _num_rows(arrays)
+  if global_batch_size < 1 or global_batch_size % count:
+    raise ConfigError(
+        f'batch size {global_batch_size} must be a positive multiple of the number of processes ({count})')
+  batch_size = global_batch_size // count
+  smallest_shard = num_rows // count
+  if batch_size > smallest_shard:
+    raise ConfigError(
+        f'batch size {global_batch_size} ({batch_size} per process x {count}) is larger than the data: '
+        f'{num_rows} rows give {smallest_shard} per process; lower the batch size')
+
+  rows = np.arange(index, num_rows, count)
+
+  def gather(i: int) -> Batch:
+    row = rows[i]
+    return {key: value[row] for key, value in arrays.items()}
+
+  ds = grain.MapDataset.range(len(rows)).shuffle(seed=_derive_seed(seed, index, 0)).map(gather)
+  if augment:
+    keys, hw = _spatial_keys(arrays)
+    if keys:
+      ds = ds.random_map(_make_augment(keys, hw), seed=_derive_seed(seed, index, 1))
+  ds = ds.batch(batch_size, drop_remainder=True).repeat()
+  return iter(ds.to_iter_dataset(READ_OPTIONS))
+
+
+def get_iterator_state(it: grain.DatasetIterator) -> dict[str, Any]:
+  """The iterator's position as a JSON-serialisable dict (saved with the train-state checkpoint)."""
+  state = it.get_state()
+  return json.loads(json.dumps(state))  # fails loudly now, not at checkpoint time, if grain changes
+
+
+def set_iterator_state(it: grain.DatasetIterator, state: dict[str, Any]) -> None:
+  """Moves a freshly built iterator (same arguments) to a saved position."""
+  try:
+    it.set_state(state)
+  except (KeyError, TypeError, IndexError) as e:
+    raise DataError(f'data iterator state {state!r} does not fit this input pipeline ({e})') from None
+
+
+def shard_rows(n: int, process_index: int, process_count: int) -> np.ndarray:
+  """int64 [~n / process_count]: the contiguous block of rows 0..n-1 that `process_index` evaluates.
+
+  Blocks differ in size by at most one row and, concatenated in process order, give arange(n).
+  """
+  index, count = _process(process_index, process_count)
+  bounds = (np.arange(count + 1) * n) // count
+  return np.arange(bounds[index], bounds[index + 1])
+
+
+def eval_batches(
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[tuple[Batch, int]]:
+  """Yields (batch, num_valid) over this process's `shard_rows`, in order, each batch exactly batch_size.
+
+  The last batch is padded by repeating the last row; only the first num_valid rows are real. Every
+  process yields the same number of batches (ceil(ceil(N / process_count) / batch_size)), so that sharded
+  eval steps stay in lockstep across hosts: a process whose shard runs out first yields padding batches
+  with num_valid = 0.
+  """
+  if batch_size < 1:
+    raise ConfigError(f'eval batch size {batch_size} must be positive')
+  index, count = _process(process_index, process_count)
+  num_rows = _num_rows(arrays)
+  if num_rows == 0:
+    return
+  rows = shard_rows(num_rows, index, count)
+  num_batches = math.ceil(math.ceil(num_rows / count) / batch_size)
+  filler = rows[-1] if rows.size else num_rows - 1
+  for b in range(num_batches):
+    chunk = rows[b * batch_size:(b + 1) * batch_size]
+    num_valid = int(chunk.size)
+    take = np.concatenate([chunk, np.full(batch_size - num_valid, chunk[-1] if num_valid else filler)])
+    yield {key: np.asarray(value[take]) for key, value in arrays.items()}, num_valid

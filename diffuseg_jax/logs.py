@@ -1,0 +1,25 @@
+"""Python logging to `<workdir>/log.txt` (process 0), so a run's history survives the terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import jax
+
+
+def setup(workdir: str) -> None:
+  warnings.filterwarnings('ignore', message='.*Flax classes are deprecated.*')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  if jax.process_index() != 0:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(workdir, 'log.txt'))
+  except OSError:
+    return  # the pipeline reports an unwritable workdir with a clear error
+  handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+  root = logging.getLogger()
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)

@@ -1,0 +1,42 @@
+"""One DDIM reverse step (Song et al. 2021, eq. 12) as pure functions of the noise prediction.
+
+a_t / a_prev are alphas_cumprod at the current and the next (less noisy) timestep: scalars or arrays that
+broadcast against x_t (a_prev = 1 for the final step to clean data). Nothing is clipped: in a latent space
+x_0 has no fixed range.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def predict_x0(x_t: jax.Array, eps: jax.Array, a_t: jax.Array | float) -> jax.Array:
+  """x_0 implied by the noise prediction: (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)."""
+  return (x_t - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
+
+
+def ddim_sigma(a_t: jax.Array | float, a_prev: jax.Array | float, eta: float) -> jax.Array:
+  """sigma_t = eta sqrt((1 - a_prev)/(1 - a_t)) sqrt(1 - a_t/a_prev); eta = 1 is DDPM's posterior std.
+
+  1 - a_t/a_prev is evaluated as (a_prev - a_t)/a_prev: for neighbouring timesteps the ratio is within float32
+  rounding of 1, while the difference of the two stored alphas is exact.
+  """
+  return eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * ((a_prev - a_t) / a_prev))
+
+
+def ddim_step(x_t: jax.Array, eps: jax.Array, a_t: jax.Array | float, a_prev: jax.Array | float, eta: float,
+              noise: jax.Array | None) -> jax.Array:
+  """x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise.
+
+  `noise` ~ N(0, I) shaped like x_t is added whenever eta > 0 (stochastic DDIM, eta = 1: DDPM ancestral);
+  it may be None when eta == 0.
+  """
+  x0 = predict_x0(x_t, eps, a_t)
+  if eta == 0.0:
+    return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
+  if noise is None:
+    raise ValueError('ddim_step needs `noise` when eta > 0')
+  sigma = ddim_sigma(a_t, a_prev, eta)
+  direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - jnp.square(sigma), 0.0)) * eps
+  return jnp.sqrt(a_prev) * x0 + direction + sigma * noise

@@ -1,0 +1,158 @@
+"""Stage `evaluate`: segmentation scores per strategy (mean ± std over seeds) and synthetic image quality.
+
+metrics.json["evaluate"] (a stable shape for scripts):
+  strategies: {NAME: {dice_mean, dice_std, iou_mean, iou_std, hd_mean, hd_std, hd95_mean, hd95_std, miou,
+                      per_class: {class: {dice_mean, iou_mean, hd_mean, hd95_mean}}, oracle: bool,
+                      seeds: [...], per_seed: [summary per seed], case_std: {dice, iou, hd, hd95}}}
+     *_mean = mean over seeds of the per-seed mean over test cases; *_std = std over seeds (ddof 0);
+     case_std = mean over seeds of the std over cases. HD/HD95 in mm for medical data, pixels otherwise.
+  image_quality: {feature_network, fd_synthetic_vs_target, kid_synthetic_vs_target (mean, std),
+                  fd_source_vs_target (the domain gap before synthesis), fd_target_vs_target_test (floor),
+                  mbs_synthetic_vs_reference}
+Then the report (report.md, figures) is written.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffuseg_jax import report
+from diffuseg_jax.inference import batched_apply
+from diffuseg_jax.metrics import features, image_quality
+from diffuseg_jax.metrics.segmentation import evaluate_cases, summarise
+from diffuseg_jax.stages import ffd_vae, segment
+from diffuseg_jax.synthetic_io import load_synthetic
+
+SCORES = ('dice', 'iou', 'hd', 'hd95')
+
+
+def is_done(ctx) -> bool:
+  import os
+
+  return 'evaluate' in ctx.read_metrics() and os.path.exists(ctx.path('report.md'))
+
+
+def predict(ctx, model, params, images: np.ndarray) -> np.ndarray:
+  @jax.jit
+  def infer(x, p):
+    return jnp.argmax(model.apply({'params': p}, x), -1).astype(jnp.int32)
+
+  return batched_apply(infer, images, ctx.config.eval.batch_size, ctx.mesh, args=(params,))
+
+
+def aggregate_seeds(per_seed: list[dict]) -> dict:
+  out: dict = {}
+  for s in SCORES:
+    vals = [r[f'{s}_mean'] for r in per_seed if r.get(f'{s}_mean') is not None]
+    out[f'{s}_mean'] = float(np.mean(vals)) if vals else None
+    out[f'{s}_std'] = float(np.std(vals)) if vals else None
+  mious = [r['miou'] for r in per_seed if r.get('miou') is not None]
+  out['miou'] = float(np.mean(mious)) if mious else None
+  out['case_std'] = {s: _mean_or_none([r.get(f'{s}_std') for r in per_seed]) for s in SCORES}
+  classes = per_seed[0].get('per_class', {})
+  out['per_class'] = {
+      name: {f'{s}_mean': _mean_or_none([r['per_class'][name].get(f'{s}_mean') for r in per_seed]) for s in SCORES}
+      for name in classes
+  }
+  return out
+
+
+def _mean_or_none(values):
+  vals = [v for v in values if v is not None]
+  return float(np.mean(vals)) if vals else None
+
+
+def segmentation_results(ctx) -> tuple[dict, dict]:
+  data = ctx.data
+  test = data.test
+  volume_mode = test.volumes is not None
+  grouped: dict[str, list] = {}
+  predictions: dict[str, np.ndarray] = {}
+  for strategy, seed in segment.runs(ctx):
+    model, params = segment.load(ctx, strategy, seed)
+    pred = predict(ctx, model, params, test.images)
+    predictions.setdefault(strategy, pred)
+    per_case = evaluate_cases(pred, test.labels, test.case_ids, data.num_classes, _spacings(test),
+                              volume_mode=volume_mode, slice_index=test.slice_index,
+                              hd_percentile=ctx.config.eval.hd_percentile)
+    summary = summarise(per_case, data.class_names)
+    summary['seed'] = seed
+    grouped.setdefault(strategy, []).append(summary)
+  results = {}
+  for strategy, per_seed in grouped.items():
+    results[strategy] = {**aggregate_seeds(per_seed), 'oracle': strategy in segment.ORACLE,
+                         'seeds': [r['seed'] for r in per_seed], 'per_seed': per_seed}
+  return results, predictions
+
+
+def _spacings(split) -> np.ndarray:
+  """Per-slice spacing; volumes get the slice thickness as a third entry when known."""
+  if split.volumes is None:
+    return split.spacing
+  thick = np.array([split.volumes[int(c)].spacing[split.volumes[int(c)].slice_axis] for c in split.case_ids])
+  return np.concatenate([split.spacing, thick[:, None]], axis=1).astype(np.float32)
+
+
+def image_quality_results(ctx) -> dict:
+  data, cfg = ctx.data, ctx.config.eval
+  synth = load_synthetic(ctx)
+  n = min(cfg.num_quality_images, len(synth['image']), len(data.target))
+  rng = np.random.default_rng(ctx.config.seed)
+  pick = np.sort(rng.choice(len(synth['image']), n, replace=False))
+  real = data.target.images[np.sort(rng.choice(len(data.target), n, replace=False))]
+  extractor = features.load_feature_extractor(cfg.inception_path)
+
+  def feats(x):
+    return features.extract_features(extractor, x, cfg.batch_size)
+
+  f_syn, f_real = feats(synth['image'][pick]), feats(real)
+  f_src = feats(data.source.images[: n])
+  f_test = feats(data.test.images[: n])
+
+  def fd(a, b):
+    return image_quality.frechet_distance(*image_quality.gaussian_stats(a), *image_quality.gaussian_stats(b))
+
+  kid_mean, kid_std = image_quality.kernel_inception_distance(f_syn, f_real, subset_size=min(1000, n),
+                                                              seed=ctx.config.seed)
+  model, params = ffd_vae.load(ctx, 'student')
+
+  @jax.jit
+  def pseudo(x, p):
+    return jnp.argmax(model.apply({'params': p}, x, sample=False)['seg_logits'], -1)
+
+  refs = data.target.images[synth['reference_index'][pick]]
+  ref_labels = batched_apply(pseudo, refs, cfg.batch_size, ctx.mesh, args=(params,))
+  return {
+      'feature_network': extractor.name,
+      'num_images': int(n),
+      'fd_synthetic_vs_target': fd(f_syn, f_real),
+      'kid_synthetic_vs_target': kid_mean,
+      'kid_synthetic_vs_target_std': kid_std,
+      'fd_source_vs_target': fd(f_src, f_real),
+      'fd_target_vs_target_test': fd(f_test, f_real),
+      'mbs_synthetic_vs_reference': image_quality.background_similarity(
+          synth['image'][pick], refs, synth['label'][pick], ref_labels),
+  }
+
+
+def run(ctx) -> None:
+  strategies, predictions = segmentation_results(ctx)
+  quality = image_quality_results(ctx) if 'diffuseg' in strategies or _has_synthetic(ctx) else None
+  result = {'strategies': strategies, 'image_quality': quality,
+            'distance_unit': 'mm' if ctx.data.spacing_unit == 'mm' else 'px',
+            'num_test_cases': int(len(np.unique(ctx.data.test.case_ids)))}
+  ctx.update_metrics('evaluate', result)
+  if ctx.is_main_process:
+    report.write_report(ctx, predictions)
+  for name, r in strategies.items():
+    print(f'[evaluate] {name:9s} Dice {report.fmt(r["dice_mean"], 4)} ± {report.fmt(r["dice_std"], 4)}  '
+          f'IoU {report.fmt(r["iou_mean"], 4)}  HD95 {report.fmt(r["hd95_mean"], 2)}'
+          + ('  (oracle)' if r['oracle'] else ''), flush=True)
+
+
+def _has_synthetic(ctx) -> bool:
+  import os
+
+  return os.path.exists(ctx.path('synthetic', 'manifest.jsonl'))

@@ -1,0 +1,73 @@
+"""Orbax checkpoints of one stage: train state + data-iterator state + config, always resumed from latest.
+
+Layout: <workdir>/checkpoints/<stage>/<step>/{state,data,config}. A checkpoint that fails to restore
+(truncated, corrupted) is reported by name and the previous one is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class StageCheckpointer:
+  """Thin wrapper over `ocp.CheckpointManager` for one stage."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2, config_json: dict | None = None):
+    self.directory = os.path.abspath(directory)
+    self._config_json = config_json or {}
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> None:
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state or {}),
+            config=ocp.args.JsonSave(self._config_json),
+        ),
+        force=force,
+    )
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
+    """(state, data_state, step) of the newest restorable checkpoint (<= step if given), or None."""
+    steps = [s for s in self.all_steps() if step is None or s <= step]
+    for s in reversed(steps):
+      try:
+        restored = self._manager.restore(
+            s,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored['state'], dict(restored['data'] or {}), s
+      except Exception as e:  # noqa: BLE001 - any failure means "unusable checkpoint"
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        log.warning('checkpoint %s/%d failed to restore (%s); trying the previous one', self.directory, s, msg)
+        if jax.process_index() == 0:
+          print(f'warning: checkpoint {self.directory}/{s} is unreadable ({msg}); using the previous one')
+    return None
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -11,7 +11,9 @@ import jax
 
 def setup(workdir: str) -> None:
   warnings.filterwarnings('ignore', message='.*Flax classes are deprecated.*')
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  from absl import logging as absl_logging
+
+  absl_logging.get_absl_handler().setLevel(logging.WARNING)  # the terminal gets our prints and warnings only
   if jax.process_index() != 0:
     return
   try:

@@ -1,12 +1,12 @@
 """The paper's losses (section III-B eq. 1-6, section III-C eq. 7) as pure jax.numpy functions.
 
 Conventions, shared by every function here:
-  logits / probabilities  float [B, H, W, K], classes on the last axis (K = number of classes incl. background)
+  logits / probabilities  float [B, H, W, K], classes last (K = number of classes incl. background)
   labels                  int   [B, H, W] class indices 0..K-1
   images                  float [B, H, W, C]
-Every scalar is a *mean over the batch* (the paper writes sums over samples i; a mean keeps the learning rate
-independent of the batch size). Per-pixel terms are averaged over pixels too; each docstring says exactly which
-axes are summed and which are averaged. Teacher quantities are wrapped in `jax.lax.stop_gradient`, so the
+Every scalar is a *mean over the batch* (the paper writes sums over samples i; a mean keeps the learning
+rate independent of the batch size). Per-pixel terms are averaged over pixels too; each docstring says
+exactly which axes are summed and which are averaged. Teacher quantities are wrapped in `jax.lax.stop_gradient`, so the
 teacher can be passed in as plain outputs without freezing anything else.
 """
 
@@ -37,7 +37,7 @@ def cross_entropy(logits: Array, target: Array) -> Array:
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   if jnp.issubdtype(target.dtype, jnp.integer):
     if target.shape != logits.shape[:-1]:
-      raise ValueError(f'integer target shape {target.shape} != logits shape without classes {logits.shape[:-1]}')
+      raise ValueError(f'integer target shape {target.shape} != logits shape {logits.shape} without classes')
     nll = -jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
   else:
     if target.shape != logits.shape:
@@ -93,7 +93,7 @@ def gaussian_kl(mean: Array, logvar: Array) -> Array:
 
 
 def l2_reconstruction(x: Array, x_hat: Array) -> Array:
-  """The paper's "L2 norm" L_rec, taken as the mean squared error over every element (batch, pixels, channels).
+  """The paper's "L2 norm" L_rec, as the mean squared error over every element (batch, pixels, channels).
 
   A mean (not a sum) keeps the weights lambda / beta comparable across image sizes and channel counts.
   """
@@ -182,5 +182,6 @@ def student_loss(student_out: Mapping[str, Array], teacher_out: Mapping[str, Arr
 
 
 def diffusion_loss(noise: Array, eps_pred: Array) -> Array:
-  """Eq. 7: ||eps - D(x_t, t, z_dom)||^2 as the mean squared error over every element (batch, pixels, channels)."""
+  """Eq. 7: ||eps - D(x_t, t, z_dom)||^2 as the mean squared error over every element (batch, pixels,
+  channels)."""
   return jnp.mean(jnp.square(noise.astype(jnp.float32) - eps_pred.astype(jnp.float32)))

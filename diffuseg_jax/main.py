@@ -27,12 +27,18 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv) -> int:
   del argv
-  from diffuseg_jax import distributed, logs  # after flag parsing: keeps `--help` fast
+  from diffuseg_jax import distributed, runtime  # after flag parsing: keeps `--help` fast
 
+  runtime.configure()
   distributed.maybe_initialize()
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.seed  # noqa: B018 - config_flags defers a load failure until first access
+  except Exception as e:  # noqa: BLE001
+    last = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+    print(f'error: cannot load --config: {last}', file=sys.stderr)
+    return 2
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[-1])
-  logs.setup(workdir)
   from diffuseg_jax import pipeline
   from diffuseg_jax.errors import NonFiniteLossError, UserError
   from diffuseg_jax.train.preemption import Preempted
@@ -51,12 +57,29 @@ def main(argv) -> int:
   return 0
 
 
-def run() -> None:
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, but a bad config path or override is one line and exit 2 (no traceback)."""
   try:
-    app.run(lambda argv: sys.exit(main(argv)))
-  except flags.Error as e:  # unknown/invalid override raised outside app.run's handler
-    print(f'error: {e}', file=sys.stderr)
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - config_flags raises many types for user mistakes
+    print(f'error: {_describe_flag_error(e, argv)}', file=sys.stderr)
     sys.exit(2)
+
+
+def _describe_flag_error(e: Exception, argv: list[str]) -> str:
+  text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+  if isinstance(e, (AttributeError, KeyError)):
+    name = text.strip('\'"')
+    for arg in argv:
+      key = arg.split('=', 1)[0]
+      if key.startswith('--config.') and key.split('.')[-1] == name:
+        return f'unknown config field in {key}: {name!r} does not exist in that section'
+    return f'unknown config field {name!r}'
+  return text
+
+
+def run() -> None:
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

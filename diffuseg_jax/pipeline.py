@@ -17,7 +17,7 @@ import time
 import jax
 import ml_collections
 
-from diffuseg_jax import atomic
+from diffuseg_jax import atomic, logs
 from diffuseg_jax.config_validation import parse_stages, validate
 from diffuseg_jax.context import Context
 from diffuseg_jax.train.sharding import make_mesh
@@ -34,8 +34,10 @@ def stage_module(name: str):
 def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True) -> Context:
   validate(config)
   selected = parse_stages(config.stages, STAGES)
-  _prepare_workdir(workdir)
   ctx = Context(config=config, workdir=workdir, mesh=make_mesh(config.mesh), show_progress=show_progress)
+  ctx.data  # noqa: B018 - load and check the data before anything is written
+  _prepare_workdir(workdir)
+  logs.setup(workdir)
   if ctx.is_main_process:
     atomic.write_text(ctx.path('config.json'), config.to_json_best_effort(indent=2) + '\n')
     _say(f'diffuseg_jax: workdir {os.path.abspath(workdir)}; {jax.device_count()} device(s) '
@@ -43,7 +45,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   for name in selected:
     module = stage_module(name)
     if module.is_done(ctx):
-      _say(f'[{name}] already done in {workdir}: skipped')
+      note = getattr(module, 'skip_note', None)
+      _say(f'[{name}] ' + (note(ctx) if note else f'already done in {workdir}: skipped'))
       continue
     start = time.perf_counter()
     _say(f'[{name}] running')

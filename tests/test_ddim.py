@@ -38,8 +38,8 @@ def test_eta1_sigma_is_ddpm_posterior_std():
   for t in [1, 2, 10, 500, 999]:
     beta_tilde = (1 - a[t - 1]) / (1 - a[t]) * b[t]
     np.testing.assert_allclose(ddim.ddim_sigma(a[t], a[t - 1], 1.0), math.sqrt(beta_tilde), rtol=2e-3)
-  np.testing.assert_allclose(ddim.ddim_sigma(a[5], a[4], 0.3), 0.3 * math.sqrt((1 - a[4]) / (1 - a[5]) * b[5]),
-                             rtol=2e-3)
+  want = 0.3 * math.sqrt((1 - a[4]) / (1 - a[5]) * b[5])
+  np.testing.assert_allclose(ddim.ddim_sigma(a[5], a[4], 0.3), want, rtol=2e-3)
 
 
 def test_exact_eps_lands_on_trajectory():
@@ -49,7 +49,8 @@ def test_exact_eps_lands_on_trajectory():
   x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
   eps_exact = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
   np.testing.assert_allclose(ddim.predict_x0(x_t, eps_exact, a_t), x0, atol=1e-6)
-  got = ddim.ddim_step(jnp.asarray(x_t, jnp.float32), jnp.asarray(eps_exact, jnp.float32), a_t, a_prev, 0.0, None)
+  x_t32, eps32 = jnp.asarray(x_t, jnp.float32), jnp.asarray(eps_exact, jnp.float32)
+  got = ddim.ddim_step(x_t32, eps32, a_t, a_prev, 0.0, None)
   np.testing.assert_allclose(got, math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps, atol=1e-5)
 
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.spatial import distance
 from scipy import special, stats
+from scipy.spatial import distance
 
 from diffuseg_jax import losses
 from diffuseg_jax.errors import ConfigError
@@ -34,7 +34,7 @@ def _np_dice(p, q, eps=1e-6):
 
 def _np_js_sim(p, q):
   pf, qf = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
-  return np.mean([1.0 - distance.jensenshannon(a, b, base=2) ** 2 for a, b in zip(pf, qf)])
+  return np.mean([1.0 - distance.jensenshannon(a, b, base=2) ** 2 for a, b in zip(pf, qf, strict=True)])
 
 
 def _np_gauss_kl(mean, logvar):

@@ -1,16 +1,16 @@
 """Networks: shapes/dtypes, factorisation properties, conditioning, stable parameter names, latent codec.
 
-All models are tiny (8x8 images, 8 base channels) and each is initialised once per module (CPU compile of
-parameter initialisers dominates the runtime).
+Models are tiny (8x8 images, 8 base channels). Each test compiles as few programs as it can: XLA CPU
+compile time, not compute, is what these tests spend.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
 
 from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.models import latent, layers
@@ -24,11 +24,26 @@ KEY = jax.random.key(0)
 
 
 def _x(seed=1, shape=(B, H, H, C)):
-  return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
+  return jnp.asarray(np.random.default_rng(seed).uniform(-1.0, 1.0, shape), jnp.float32)
 
 
-def _init(model, *args, **kwargs):
-  return jax.jit(lambda *a: model.init({'params': KEY, 'latent': KEY}, *a, **kwargs))(*args)
+def _init(model, *args, seed=0, **kwargs):
+  """Params with the real tree structure (init traced, not compiled) and host-drawn values.
+
+  Compiling flax's per-parameter initialisers costs seconds per network on CPU; the tests only need a
+  well-scaled random network: kernels N(0, 1 / fan_in), norm scales 1, small random biases.
+  """
+  shapes = jax.eval_shape(lambda: model.init({'params': KEY, 'latent': KEY}, *args, **kwargs))['params']
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'scale':
+      return jnp.ones(leaf.shape, leaf.dtype)
+    std = 0.05 if name == 'bias' else 1 / math.sqrt(max(1, math.prod(leaf.shape[:-1])))
+    return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _close(a, b, tol=1e-5):
@@ -53,52 +68,83 @@ def test_timestep_embedding_matches_numpy():
   assert odd.shape == (4, 11) and np.all(np.asarray(odd[:, -1]) == 0)
 
 
-def test_resblock_film_is_one_plus_scale_and_shift():
-  """With emb_proj = 0 the FiLM block equals the plain block; with bias (s, b): GN * (1 + s) + b."""
-  block = layers.ResBlock(8)
+def _conv_ref(x, kernel, bias):
+  """'SAME' 3x3 (or 1x1) convolution in numpy (cross-correlation, as XLA)."""
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  kh = kernel.shape[0]
+  p = kh // 2
+  xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
+  for i in range(kh):
+    for j in range(kh):
+      out += np.einsum('bhwc,cd->bhwd', xp[:, i:i + x.shape[1], j:j + x.shape[2]], kernel[i, j])
+  return out + np.asarray(bias)
+
+
+def _gn_ref(x, groups, scale, bias, eps=1e-5):
+  b, h, w, c = x.shape
+  g = np.asarray(x, np.float64).reshape(b, h, w, groups, c // groups)
+  g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + eps)
+  return g.reshape(b, h, w, c) * np.asarray(scale) + np.asarray(bias)
+
+
+def _silu(x):
+  return x / (1 + np.exp(-x))
+
+
+def test_resblock_matches_numpy_film_reference():
+  """GN-SiLU-conv, GN * (1 + scale) + shift with [scale, shift] = Dense(SiLU(emb)), SiLU-conv, 1x1 skip."""
+  block = layers.ResBlock(6)
   x, emb = _x(2, (B, 4, 4, 4)), _x(3, (B, 5))
-  params = block.init(KEY, x, emb)['params']
-  zero = jax.tree.map(jnp.zeros_like, params['emb_proj'])
-  plain = {k: v for k, v in params.items() if k != 'emb_proj'}
-  _close(block.apply({'params': {**params, 'emb_proj': zero}}, x, emb), block.apply({'params': plain}, x))
-  # Scale -1 kills the normalised branch: h = 0 + shift, so the output is x_skip + conv2(silu(shift)).
-  bias = jnp.concatenate([-jnp.ones(8), jnp.full(8, 0.5)])
-  killed = block.apply({'params': {**params, 'emb_proj': {**zero, 'bias': bias}}}, x, emb)
-  h = jax.nn.silu(jnp.full((B, 4, 4, 8), 0.5))
-  conv2 = jax.lax.conv_general_dilated(h, params['conv2']['kernel'], (1, 1), 'SAME',
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + params['conv2']['bias']
-  skip = x @ params['skip']['kernel'][0, 0] + params['skip']['bias']
-  _close(killed, skip + conv2, 1e-4)
+  p = _init(block, x, emb)
+  out = jax.jit(lambda p, x, e: block.apply({'params': p}, x, e))(p, x, emb)
+  n = jax.tree.map(np.asarray, p)
+  h = _conv_ref(_silu(_gn_ref(x, 4, n['norm1']['scale'], n['norm1']['bias'])), **n['conv1'])
+  h = _gn_ref(h, 6, n['norm2']['scale'], n['norm2']['bias'])
+  ss = _silu(np.asarray(emb, np.float64)) @ n['emb_proj']['kernel'] + n['emb_proj']['bias']
+  h = h * (1 + ss[:, None, None, :6]) + ss[:, None, None, 6:]
+  h = _conv_ref(_silu(h), **n['conv2'])
+  skip = _conv_ref(x, **n['skip'])
+  _close(out, skip + h, 1e-4)
 
 
-def _mha_ref(p, q_in, kv_in, heads):
+def _mha_ref(p, q_in, kv_in):
   q = np.einsum('btc,chd->bthd', q_in, p['query']['kernel']) + p['query']['bias']
   k = np.einsum('btc,chd->bthd', kv_in, p['key']['kernel']) + p['key']['bias']
   v = np.einsum('btc,chd->bthd', kv_in, p['value']['kernel']) + p['value']['bias']
   logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
   w = np.exp(logits - logits.max(-1, keepdims=True))
   w /= w.sum(-1, keepdims=True)
-  o = np.einsum('bhqk,bkhd->bqhd', w, v)
-  return np.einsum('bqhd,hdc->bqc', o, p['out']['kernel']) + p['out']['bias']
+  return np.einsum('bhqk,bkhd,hdc->bqc', w, v, p['out']['kernel']) + p['out']['bias']
 
 
 def test_attention_block_matches_numpy_reference():
   block = layers.AttentionBlock(num_heads=2)
   x, ctx = _x(4, (B, 2, 2, 4)), _x(5, (B, 3, 6))
-  params = jax.tree.map(np.asarray, block.init(KEY, x, ctx)['params'])
-  xn = np.asarray(x, np.float64)
-  mu = xn.reshape(B, 4, 4).mean(axis=(1, 2))  # 4 groups of 1 channel: per-channel over space
-  gn = (xn - xn.mean(axis=(1, 2), keepdims=True)) / np.sqrt(xn.var(axis=(1, 2), keepdims=True) + 1e-5)
-  del mu
-  gn = gn * params['norm']['scale'] + params['norm']['bias']
-  tok = xn.reshape(B, 4, 4)
-  tok = tok + _mha_ref(params['self_attn'], gn.reshape(B, 4, 4), gn.reshape(B, 4, 4), 2)
+  p = _init(block, x, ctx)
+  apply = jax.jit(lambda p, x, c: block.apply({'params': p}, x, c))
+  n = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  tok = np.asarray(x, np.float64).reshape(B, 4, 4)
+  gn = _gn_ref(x, 4, n['norm']['scale'], n['norm']['bias']).reshape(B, 4, 4)
+  tok = tok + _mha_ref(n['self_attn'], gn, gn)
   ln = (tok - tok.mean(-1, keepdims=True)) / np.sqrt(tok.var(-1, keepdims=True) + 1e-6)
-  ln = ln * params['cross_norm']['scale'] + params['cross_norm']['bias']
-  tok = tok + _mha_ref(params['cross_attn'], ln, np.asarray(ctx, np.float64), 2)
-  _close(block.apply({'params': params}, x, ctx), tok.reshape(B, 2, 2, 4), 1e-4)
-  # Cross-attention is a set operation over context tokens.
-  _close(block.apply({'params': params}, x, ctx[:, ::-1]), block.apply({'params': params}, x, ctx), 1e-5)
+  ln = ln * n['cross_norm']['scale'] + n['cross_norm']['bias']
+  tok = tok + _mha_ref(n['cross_attn'], ln, np.asarray(ctx, np.float64))
+  _close(apply(p, x, ctx), tok.reshape(B, 2, 2, 4), 1e-4)
+  _close(apply(p, x, ctx[:, ::-1]), apply(p, x, ctx), 1e-5)  # cross-attention: a set operation over tokens
+
+
+def test_zero_init_conv_and_real_initialisers():
+  """The zero-init option really zeroes the kernel; the real init of the CondUNet output conv is zero."""
+  v = layers.conv3x3(4, jnp.float32, 'c', zero_init=True).init(KEY, jnp.zeros((1, 4, 4, 2)))
+  assert np.all(np.asarray(v['params']['kernel']) == 0)
+  model = _cond_unet('both', zero_init_output=True)
+  args = (_x(), T, _x(9, (B, 4)))
+  # Only conv_out's initialiser survives dead-code elimination, so this compiles in a fraction of a second.
+  out = jax.jit(lambda k: model.init(k, *args)['params']['conv_out'])(KEY)
+  assert np.all(np.asarray(out['kernel']) == 0) and np.all(np.asarray(out['bias']) == 0)
+  conv_in = jax.jit(lambda k: model.init(k, *args)['params']['conv_in']['kernel'])(KEY)
+  assert np.asarray(conv_in).std() > 0
 
 
 # ---------------------------------------------------------------------------------------------- FFD-VAE
@@ -107,46 +153,49 @@ def test_attention_block_matches_numpy_reference():
 @pytest.fixture(scope='module')
 def vae():
   model = FFDVAE(num_classes=K, out_channels=C, base_channels=8, levels=1, z_seg_channels=4, z_dom_dim=4)
-  return model, _init(model, _x())['params']
+  return model, _init(model, _x())
 
 
-def test_ffd_vae_shapes_and_sampling(vae):
+def test_ffd_vae_outputs_and_methods(vae):
   model, params = vae
-  apply = jax.jit(lambda p, x, rng: model.apply({'params': p}, x, rngs={'latent': rng}))
-  out = apply(params, _x(), jax.random.key(1))
+
+  def run(p, x, rng):
+    v = {'params': p}
+    drawn = model.apply(v, x, rngs={'latent': rng})
+    mean = model.apply(v, x, sample=False)
+    seg_mean, _ = model.apply(v, x, method='encode_seg')
+    dom_mean, _ = model.apply(v, x, method='encode_dom')
+    parts = (model.apply(v, seg_mean, method='decode_seg'), model.apply(v, seg_mean, dom_mean,
+                                                                         method='decode_image'))
+    return drawn, mean, parts
+
+  drawn, mean, (seg_logits, recon) = jax.jit(run)(params, _x(), jax.random.key(1))
   shapes = {'seg_logits': (B, H, H, K), 'recon': (B, H, H, C), 'seg_mean': (B, 4, 4, 4),
             'seg_logvar': (B, 4, 4, 4), 'z_seg': (B, 4, 4, 4), 'dom_mean': (B, 4), 'dom_logvar': (B, 4),
             'z_dom': (B, 4)}
-  assert {k: v.shape for k, v in out.items()} == shapes
-  assert all(v.dtype == jnp.float32 for v in out.values())
-  assert not np.allclose(out['z_seg'], out['seg_mean'])  # a draw, not the mean
-  again = apply(params, _x(), jax.random.key(1))
-  _close(again['z_dom'], out['z_dom'], 0)
-  mean = model.apply({'params': params}, _x(), sample=False)
+  assert {k: v.shape for k, v in drawn.items()} == shapes
+  assert all(v.dtype == jnp.float32 for v in drawn.values())
+  assert not np.allclose(drawn['z_seg'], drawn['seg_mean']) and not np.allclose(drawn['z_dom'], drawn['dom_mean'])
+  eps = (drawn['z_dom'] - drawn['dom_mean']) / jnp.exp(0.5 * drawn['dom_logvar'])  # reparameterisation noise
+  assert 0.1 < float(jnp.std(eps)) < 10
   _close(mean['z_seg'], mean['seg_mean'], 0)
   _close(mean['z_dom'], mean['dom_mean'], 0)
+  _close(seg_logits, mean['seg_logits'])
+  _close(recon, mean['recon'])
   assert set(params) == {'seg_encoder', 'dom_encoder', 'seg_decoder', 'image_decoder'}
-
-
-def test_ffd_vae_methods_compose_to_call(vae):
-  model, params = vae
-  v = {'params': params}
-  out = model.apply(v, _x(), sample=False)
-  seg_mean, _ = model.apply(v, _x(), method='encode_seg')
-  dom_mean, _ = model.apply(v, _x(), method='encode_dom')
-  _close(model.apply(v, seg_mean, method='decode_seg'), out['seg_logits'])
-  _close(model.apply(v, seg_mean, dom_mean, method='decode_image'), out['recon'])
 
 
 def test_ffd_vae_z_dom_drives_recon_not_segmentation(vae):
   model, params = vae
-  v = {'params': params}
-  z_seg = _x(6, (B, 4, 4, 4))
-  recon_a = model.apply(v, z_seg, _x(7, (B, 4)), method='decode_image')
-  recon_b = model.apply(v, z_seg, _x(8, (B, 4)), method='decode_image')
+
+  def run(p, x, z_seg, z_a, z_b):
+    recon = lambda z: model.apply({'params': p}, z_seg, z, method='decode_image')
+    seg_grads = jax.grad(lambda q: model.apply({'params': q}, x, sample=False)['seg_logits'].sum())(p)
+    return recon(z_a), recon(z_b), seg_grads
+
+  recon_a, recon_b, grads = jax.jit(run)(params, _x(), _x(6, (B, 4, 4, 4)), _x(7, (B, 4)), _x(8, (B, 4)))
   assert np.abs(np.asarray(recon_a - recon_b)).mean() > 1e-3
   # Segmentation: no gradient reaches the domain encoder or the image decoder, by construction.
-  grads = jax.grad(lambda p: model.apply({'params': p}, _x(), sample=False)['seg_logits'].sum())(params)
   for branch in ('dom_encoder', 'image_decoder'):
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads[branch]))
   assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads['seg_encoder']))
@@ -162,13 +211,12 @@ def test_ffd_vae_bad_sizes():
 
 def test_ffd_vae_bf16_forward(vae):
   model, params = vae
-  bf = FFDVAE(num_classes=K, out_channels=C, base_channels=8, levels=1, z_seg_channels=4, z_dom_dim=4,
-              dtype=jnp.bfloat16)
-  out = jax.jit(lambda p, x: bf.apply({'params': p}, x, sample=False))(params, _x())
-  ref = model.apply({'params': params}, _x(), sample=False)
-  assert out['recon'].dtype == jnp.float32 and out['seg_logits'].dtype == jnp.float32
+  bf = model.clone(dtype=jnp.bfloat16)
+  out, ref = jax.jit(lambda p, x: (bf.apply({'params': p}, x, sample=False),
+                                   model.apply({'params': p}, x, sample=False)))(params, _x())
+  assert out['recon'].dtype == jnp.float32 and out['seg_logits'].dtype == jnp.float32  # documented: f32 out
   scale = np.abs(np.asarray(ref['recon'])).mean()
-  assert np.abs(np.asarray(out['recon'] - ref['recon'])).mean() < 0.05 * scale + 1e-3
+  assert np.abs(np.asarray(out['recon'] - ref['recon'])).mean() < 0.05 * scale
 
 
 # ---------------------------------------------------------------------------------------------- SegUNet
@@ -176,7 +224,7 @@ def test_ffd_vae_bf16_forward(vae):
 
 def test_seg_unet_shapes_and_names():
   model = SegUNet(num_classes=K, base_channels=8, levels=2)
-  params = _init(model, _x())['params']
+  params = _init(model, _x())
   logits = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, _x())
   assert logits.shape == (B, H, H, K) and logits.dtype == jnp.float32
   assert set(params) == {'conv_in', 'down_0_res', 'down_0_downsample', 'down_1_res', 'down_1_downsample',
@@ -188,23 +236,34 @@ def test_seg_unet_shapes_and_names():
 
 # ---------------------------------------------------------------------------------------------- CondUNet
 
-
-def _cond_unet(mode, zero_init_output=False):
-  return CondUNet(out_channels=C, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                  num_heads=2, cond_dim=4, cond_mode=mode, num_cond_tokens=2, zero_init_output=zero_init_output)
-
-
 T = jnp.array([3, 250])
+
+
+def _cond_unet(mode, zero_init_output=False, dtype=jnp.float32):
+  return CondUNet(out_channels=C, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                  num_heads=2, cond_dim=4, cond_mode=mode, num_cond_tokens=2, zero_init_output=zero_init_output,
+                  dtype=dtype)
 
 
 @pytest.fixture(scope='module')
 def unets():
+  """mode -> (model, params, jitted apply); the jitted apply is shared so equal shapes compile once."""
   out = {}
   for mode in ('cross_attention', 'film', 'both'):
     model = _cond_unet(mode)
-    params = _init(model, _x(), T, _x(9, (B, 4)))['params']
-    out[mode] = (model, params, jax.jit(lambda p, *a, m=model: m.apply({'params': p}, *a)))
+    apply = jax.jit(lambda p, x, t, z, d, m=model: m.apply({'params': p}, x, t, z, d))
+    out[mode] = (model, _init(model, _x(), T, _x(9, (B, 4))), apply)
   return out
+
+
+def _condition_cases(params):
+  """Five stacked cases of B rows: z_a, z_b, z_a with row 0 dropped, z_b with row 0 dropped, null_cond."""
+  z_a, z_b = _x(10, (B, 4)), _x(11, (B, 4))
+  null = jnp.broadcast_to(params['null_cond'], (B, 4))
+  no, drop = jnp.array([False, False]), jnp.array([True, False])
+  cases = [(z_a, no), (z_b, no), (z_a, drop), (z_b, drop), (null, no)]
+  return (jnp.tile(_x(), (5, 1, 1, 1)), jnp.tile(T, 5), jnp.concatenate([c[0] for c in cases]),
+          jnp.concatenate([c[1] for c in cases]))
 
 
 def test_cond_unet_param_names(unets):
@@ -220,40 +279,33 @@ def test_cond_unet_param_names(unets):
   assert 'cross_attn' not in unets['film'][1]['mid_attn']  # film: no context tokens to attend
   assert 'cross_attn' in unets['both'][1]['mid_attn']
   assert unets['both'][1]['null_cond'].shape == (4,)
-  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(unets['both'][1]))
+  assert set(unets['both'][1]['down_0_res_0']) == {'norm1', 'conv1', 'norm2', 'emb_proj', 'conv2'}
 
 
 @pytest.mark.parametrize('mode', ['cross_attention', 'film', 'both'])
 def test_cond_unet_conditioning(unets, mode):
+  """One batched, jitted call (rows are independent) covers every conditioning case."""
   model, params, apply = unets[mode]
-  x, z_a, z_b = _x(), _x(10, (B, 4)), _x(11, (B, 4))
-  eps_a = apply(params, x, T, z_a, None)
-  assert eps_a.shape == (B, H, H, C) and eps_a.dtype == jnp.float32
-  eps_b = apply(params, x, T, z_b, None)
-  assert np.abs(np.asarray(eps_a - eps_b)).max() > 1e-4  # z_dom matters in every mode
-  # Dropped rows: the output with the null condition, whatever z_dom was.
-  drop = jnp.array([True, False])
-  d_a, d_b = apply(params, x, T, z_a, drop), apply(params, x, T, z_b, drop)
-  null = apply(params, x, T, jnp.broadcast_to(params['null_cond'], (B, 4)), None)
-  _close(d_a[0], d_b[0], 1e-6)
-  _close(d_a[0], null[0], 1e-5)
-  _close(d_a[1], eps_a[1], 1e-5)
-  # jit == eager; scalar t broadcasts.
-  _close(model.apply({'params': params}, x, T, z_a), eps_a, 1e-4)
-  _close(apply(params, x, jnp.float32(7.0), z_a, None), apply(params, x, jnp.array([7, 7]), z_a, None), 1e-5)
+  eps = apply(params, *_condition_cases(params))
+  assert eps.shape == (5 * B, H, H, C) and eps.dtype == jnp.float32
+  eps_a, eps_b, d_a, d_b, eps_null = np.split(np.asarray(eps), 5)
+  assert np.abs(eps_a - eps_b).max() > 1e-3  # z_dom matters in every mode
+  _close(d_a[0], d_b[0], 1e-6)  # a dropped row ignores z_dom ...
+  _close(d_a[0], eps_null[0], 1e-5)  # ... and is the null-condition output
+  _close(d_a[1], eps_a[1], 1e-5)  # kept rows are untouched
 
 
-def test_cond_unet_zero_init_output_and_bf16():
-  model = _cond_unet('both', zero_init_output=True)
-  params = _init(model, _x(), T, _x(9, (B, 4)))['params']
-  eps = jax.jit(lambda p: model.apply({'params': p}, _x(), T, _x(9, (B, 4))))(params)
-  assert np.all(np.asarray(eps) == 0)  # untrained model predicts eps = 0 (documented choice)
-  bf = CondUNet(**{**{f: getattr(model, f) for f in ('out_channels', 'base_channels', 'channel_mult',
-                                                     'num_res_blocks', 'attention_levels', 'num_heads',
-                                                     'cond_dim', 'cond_mode', 'num_cond_tokens')},
-                   'zero_init_output': False, 'dtype': jnp.bfloat16})
-  out = jax.jit(lambda p: bf.apply({'params': p}, _x(), T, _x(9, (B, 4))))(params)
-  assert out.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out)))
+def test_cond_unet_bf16_and_scalar_t(unets):
+  model, params, apply = unets['both']
+  x, t, z, d = _condition_cases(params)
+  ref = apply(params, x, t, z, d)  # same shapes as test_cond_unet_conditioning: compiled already
+  bf = _cond_unet('both', dtype=jnp.bfloat16)
+  out = jax.jit(lambda p: bf.apply({'params': p}, x, t, z, d))(params)
+  assert out.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out)))  # documented: f32 out
+  assert np.abs(np.asarray(out - ref)).mean() < 0.05 * np.abs(np.asarray(ref)).mean()
+  scalar_t = apply(params, x, jnp.float32(3.0), z, d)  # a scalar t broadcasts over the batch
+  _close(scalar_t[0::2], ref[0::2], 1e-5)  # even rows have t = 3
+  assert not np.allclose(scalar_t[1::2], ref[1::2], atol=1e-3)
 
 
 @pytest.mark.parametrize('kwargs,match', [
@@ -262,15 +314,17 @@ def test_cond_unet_zero_init_output_and_bf16():
     ({'num_heads': 3}, 'diffusion.num_heads'),
 ])
 def test_cond_unet_config_errors(kwargs, match):
+  base = {'out_channels': 4, 'base_channels': 8, 'channel_mult': (1, 2), 'attention_levels': (1,), 'num_heads': 2}
   with pytest.raises(ConfigError, match=match):
-    CondUNet(out_channels=4, base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_heads=2,
-             **kwargs)
+    CondUNet(**{**base, **kwargs})
 
 
-def test_cond_unet_rejects_wrong_z_dom_width(unets):
+def test_cond_unet_rejects_bad_inputs(unets):
   model, params, _ = unets['film']
   with pytest.raises(ConfigError, match='vae.z_dom_dim'):
-    model.apply({'params': params}, _x(), T, jnp.zeros((B, 5)))
+    jax.eval_shape(lambda: model.apply({'params': params}, _x(), T, jnp.zeros((B, 5))))
+  with pytest.raises(ConfigError, match='channel_mult'):
+    jax.eval_shape(lambda: model.apply({'params': params}, _x(shape=(B, 5, 5, C)), T, jnp.zeros((B, 4))))
 
 
 # ---------------------------------------------------------------------------------------------- KL AE + codec
@@ -279,19 +333,21 @@ def test_cond_unet_rejects_wrong_z_dom_width(unets):
 @pytest.fixture(scope='module')
 def kl_ae():
   model = KLAutoencoder(in_channels=C, latent_channels=2, base_channels=8, downsample=2)
-  return model, _init(model, _x())['params']
+  return model, _init(model, _x())
 
 
 def test_kl_autoencoder_shapes(kl_ae):
   model, params = kl_ae
-  out = jax.jit(lambda p, x, r: model.apply({'params': p}, x, rngs={'latent': r}))(params, _x(), KEY)
-  assert {k: v.shape for k, v in out.items()} == {'recon': (B, H, H, C), 'mean': (B, 4, 4, 2),
-                                                   'logvar': (B, 4, 4, 2), 'z': (B, 4, 4, 2)}
-  assert not np.allclose(out['z'], out['mean'])
-  four = KLAutoencoder(in_channels=1, latent_channels=3, base_channels=8, downsample=4)
-  shapes = jax.eval_shape(lambda: four.init({'params': KEY, 'latent': KEY}, jnp.zeros((1, 16, 16, 1))))
-  mean = jax.eval_shape(lambda v: four.apply(v, jnp.zeros((1, 16, 16, 1)), method='encode'), shapes)[0]
-  assert mean.shape == (1, 4, 4, 3)
+  out = jax.eval_shape(lambda: model.apply({'params': params}, _x(), rngs={'latent': KEY}))
+  assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
+      'recon': ((B, H, H, C), jnp.float32), 'mean': ((B, 4, 4, 2), jnp.float32),
+      'logvar': ((B, 4, 4, 2), jnp.float32), 'z': ((B, 4, 4, 2), jnp.float32)}
+  four = KLAutoencoder(in_channels=1, latent_channels=3, base_channels=8, downsample=8)
+  v = jax.eval_shape(lambda: four.init({'params': KEY, 'latent': KEY}, jnp.zeros((1, 16, 16, 1))))
+  mean = jax.eval_shape(lambda v: four.apply(v, jnp.zeros((1, 16, 16, 1)), method='encode'), v)[0]
+  assert mean.shape == (1, 2, 2, 3) and set(v['params']) == {'encoder', 'moments', 'decoder'}
+  with pytest.raises(ConfigError, match='autoencoder.downsample'):
+    jax.eval_shape(lambda v: four.apply(v, jnp.zeros((1, 12, 12, 1)), method='encode'), v)
 
 
 @pytest.mark.parametrize('f', [1, 3, 6, 0])
@@ -306,7 +362,7 @@ def test_identity_codec_and_scaling_factor():
   _close(codec.encode(x), 2.0 * x, 0)
   _close(codec.decode(codec.encode(x)), x, 1e-6)
   assert codec.latent_shape(32) == (32, 32, C)
-  assert math.isclose(latent.estimate_scaling_factor(codec, x), 1.0 / np.std(np.asarray(x)), rel_tol=1e-5)
+  assert math.isclose(latent.estimate_scaling_factor(codec, x), 1.0 / np.std(np.asarray(x)), rel_tol=1e-4)
   with pytest.raises(ConfigError, match='data.channels'):
     codec.encode(jnp.zeros((1, 8, 8, 1)))
 
@@ -315,29 +371,30 @@ def test_kl_codec_is_a_jittable_pytree(kl_ae):
   model, params = kl_ae
   codec = latent.kl_codec(model, params, 0.5)
   assert (codec.downsample, codec.latent_channels, codec.image_channels) == (2, 2, C)
+  assert len(jax.tree.leaves(codec)) == len(jax.tree.leaves(params))  # params are the only leaves
   x = _x()
-  mean, logvar = model.apply({'params': params}, x, method='encode')
-  enc = jax.jit(lambda c, x: c.encode(x))
-  _close(enc(codec, x), 0.5 * mean, 1e-5)
-  _close(jax.jit(lambda c, z: c.decode(z))(codec, 0.5 * mean), model.apply({'params': params}, mean,
-                                                                          method='decode'), 1e-4)
-  draw = jax.jit(lambda c, x, r: c.encode(x, r))(codec, x, KEY)
-  ref = 0.5 * (mean + jnp.exp(0.5 * logvar) * jax.random.normal(KEY, mean.shape))
-  _close(draw, ref, 1e-5)
-  # Params are leaves (traced, not baked in): doubled params change the output without a new codec type.
-  leaves, treedef = jax.tree.flatten(codec)
-  assert len(leaves) == len(jax.tree.leaves(params))
+
+  def run(codec, x, rng):
+    mean, logvar = model.apply({'params': codec.params}, x, method='encode')
+    decoded = model.apply({'params': codec.params}, mean, method='decode')
+    return codec.encode(x), codec.encode(x, rng), codec.decode(0.5 * mean), mean, logvar, decoded
+
+  z, draw, dec, mean, logvar, decoded = jax.jit(run)(codec, x, KEY)
+  _close(z, 0.5 * mean, 1e-6)
+  _close(draw, 0.5 * (mean + jnp.exp(0.5 * logvar) * jax.random.normal(KEY, mean.shape)), 1e-5)
+  _close(dec, decoded, 1e-5)
   assert latent.with_scaling_factor(codec, 2.0).scaling_factor == 2.0
 
 
-def test_build_codec_errors():
-  import ml_collections
-
-  cfg = ml_collections.ConfigDict({'kind': 'vq', 'scaling_factor': None})
+def test_build_codec():
+  cfg = ml_collections.ConfigDict({'kind': 'vq', 'scaling_factor': None, 'latent_channels': 2, 'base_channels': 8,
+                                   'downsample': 2})
   with pytest.raises(ConfigError, match='autoencoder.kind'):
     latent.build_codec(cfg, 3)
   cfg.kind = 'kl'
   with pytest.raises(ConfigError, match="autoencoder.kind='kl'"):
     latent.build_codec(cfg, 3)
-  cfg.kind = 'identity'
-  assert latent.build_codec(cfg, 3).scaling_factor == 1.0
+  codec = latent.build_codec(cfg, 3, params={'w': jnp.zeros(1)})
+  assert (codec.kind, codec.downsample, codec.latent_channels, codec.scaling_factor) == ('kl', 2, 2, 1.0)
+  cfg.kind, cfg.scaling_factor = 'identity', 0.5
+  assert latent.build_codec(cfg, 3).scaling_factor == 0.5

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.sampling import sampler, schedules

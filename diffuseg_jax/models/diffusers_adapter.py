@@ -17,15 +17,17 @@ import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 from einops import rearrange
 from flax.traverse_util import flatten_dict
 
 from diffuseg_jax.errors import ConfigError, UserError
 from diffuseg_jax.models.cond_unet import select_condition
 
+# Before the Flax classes are first touched: importing them already logs the notice.
 diffusers.utils.logging.set_verbosity_error()
 warnings.filterwarnings('ignore', message='.*Flax classes are deprecated.*')
+FlaxAutoencoderKL = diffusers.FlaxAutoencoderKL
+FlaxUNet2DConditionModel = diffusers.FlaxUNet2DConditionModel
 
 Array = jnp.ndarray
 Params = Any
@@ -103,7 +105,7 @@ class PretrainedCondUNet(nn.Module):
   build it with `init_pretrained_cond_unet` so the pretrained weights are not re-initialised.
   """
 
-  unet: FlaxUNet2DConditionModel
+  unet: nn.Module  # a FlaxUNet2DConditionModel (from load_pretrained_unet)
   cond_dim: int = 16
   num_cond_tokens: int = 4
   dtype: Any = jnp.float32
@@ -134,5 +136,5 @@ class PretrainedCondUNet(nn.Module):
 def init_pretrained_cond_unet(module: PretrainedCondUNet, unet_params: Params, rng) -> dict[str, Params]:
   """Variables {'params': ...} of `module`: fresh condition projection + the given pretrained UNet params."""
   z = jnp.zeros((1, module.cond_dim), jnp.float32)
-  own = module.init(rng, z, method='embed_condition')['params']
+  own = jax.jit(lambda k: module.init(k, z, method='embed_condition')['params'])(rng)
   return {'params': {**own, 'unet': unet_params}}

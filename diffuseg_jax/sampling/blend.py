@@ -108,13 +108,13 @@ def gaussian_pyramid(x: jax.Array, levels: int) -> list[jax.Array]:
 
 
 def laplacian_pyramid(x: jax.Array, levels: int) -> list[jax.Array]:
-  """Laplacian pyramid of x [B, H, W, C]: `levels` arrays, finest first; the last is the coarsest Gaussian level.
+  """Laplacian pyramid of x [B, H, W, C]: `levels` arrays, finest first, the last the coarsest Gaussian level.
 
   Each level halves H and W. When H or W is not divisible by 2^(levels-1), the number of levels is clipped to
   1 + (how many times both sizes can be halved exactly), so no level has a fractional size.
   """
   gauss = gaussian_pyramid(x, levels)
-  lap = [g - _expand(g_next, g.shape) for g, g_next in zip(gauss[:-1], gauss[1:])]
+  lap = [g - _expand(g_next, g.shape) for g, g_next in zip(gauss[:-1], gauss[1:], strict=True)]
   return lap + [gauss[-1]]
 
 
@@ -142,5 +142,5 @@ def blend(x_dom: jax.Array, x_seg: jax.Array, mask: jax.Array, mode: str = 'hard
     lap_dom = laplacian_pyramid(x_dom, pyramid_levels)
     lap_seg = laplacian_pyramid(x_seg, pyramid_levels)
     masks = gaussian_pyramid(mask, pyramid_levels)
-    return collapse_pyramid([d * (1.0 - m) + s * m for d, s, m in zip(lap_dom, lap_seg, masks)])
+    return collapse_pyramid([d * (1.0 - m) + s * m for d, s, m in zip(lap_dom, lap_seg, masks, strict=True)])
   raise ConfigError(f'config.sampling.blend_mode={mode!r} is not one of {list(BLEND_MODES)}')

@@ -108,8 +108,10 @@ def make_step_fn(eps_fn: EpsFn, settings: SamplerSettings) -> StepFn:
     x_dom = ddim.ddim_step(x, eps, a_t, a_prev, settings.eta, noise)
     if settings.blend_until <= 0.0:
       return x_dom
-    x_seg = jnp.sqrt(a_prev) * region_latent + jnp.sqrt(1.0 - a_prev) * jax.random.normal(key_seg, x.shape, x.dtype)
-    blended = blend_lib.blend(x_dom, x_seg, mask, settings.blend_mode, settings.soft_sigma, settings.pyramid_levels)
+    noise_seg = jax.random.normal(key_seg, x.shape, x.dtype)
+    x_seg = jnp.sqrt(a_prev) * region_latent + jnp.sqrt(1.0 - a_prev) * noise_seg
+    blended = blend_lib.blend(x_dom, x_seg, mask, settings.blend_mode, settings.soft_sigma,
+                              settings.pyramid_levels)
     return jnp.where(do_blend, blended, x_dom)
 
   return step

@@ -28,9 +28,14 @@ class Schedule(NamedTuple):
   alphas_cumprod: np.ndarray
 
 
-def make_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> Schedule:
-  """`linear`: betas linspace(b0, b1); `scaled_linear`: linspace(sqrt b0, sqrt b1)**2 (Stable Diffusion);
-  `cosine`: a_t = f(t+1)/f(0), f(t) = cos((t/T + s)/(1 + s) pi/2)^2, betas clipped at 0.999 (beta_* unused)."""
+def make_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
+                  beta_end: float = 2e-2) -> Schedule:
+  """Betas and alphas_cumprod of a named schedule (ConfigError for an unknown name).
+
+  `linear`: betas linspace(b0, b1); `scaled_linear`: linspace(sqrt b0, sqrt b1)**2 (Stable Diffusion);
+  `cosine` (Nichol & Dhariwal 2021): a_t = f(t+1)/f(0), f(t) = cos((t/T + s)/(1 + s) pi/2)^2, s = 0.008,
+  betas clipped at 0.999 (beta_start / beta_end unused).
+  """
   if name not in SCHEDULES:
     raise ConfigError(f'config.diffusion.schedule={name!r} is not one of {list(SCHEDULES)}')
   if int(num_timesteps) < 1:
@@ -52,7 +57,8 @@ def make_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4, beta_
   return Schedule(betas=betas.astype(np.float32), alphas_cumprod=alphas_cumprod.astype(np.float32))
 
 
-def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, alphas_cumprod: jax.Array | np.ndarray) -> jax.Array:
+def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array,
+             alphas_cumprod: jax.Array | np.ndarray) -> jax.Array:
   """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise. x0, noise [B, ...]; t int [B]; alphas_cumprod [T]."""
   a = jnp.asarray(alphas_cumprod, jnp.float32)[t].astype(x0.dtype)
   a = a.reshape((-1,) + (1,) * (x0.ndim - 1))

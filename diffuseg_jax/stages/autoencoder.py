@@ -53,6 +53,12 @@ def ae_step(model, kl_weight, state, batch, rng, frozen):
   return state.apply_gradients(grads), {**metrics, 'loss': loss}
 
 
+def skip_note(ctx) -> str:
+  if ctx.config.autoencoder.kind == 'identity':
+    return 'pixel-space diffusion (autoencoder.kind=identity): nothing to train'
+  return f'already done in {ctx.workdir}: skipped'
+
+
 def is_done(ctx) -> bool:
   if ctx.config.autoencoder.kind == 'identity':
     return True

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -62,8 +64,19 @@ class StageCheckpointer:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         log.warning('checkpoint %s/%d failed to restore (%s); trying the previous one', self.directory, s, msg)
         if jax.process_index() == 0:
-          print(f'warning: checkpoint {self.directory}/{s} is unreadable ({msg}); using the previous one')
+          print(f'warning: checkpoint {self.directory}/{s} is unreadable ({msg}); moved to '
+                f'{self.directory}.unreadable/{s}; using the previous one')
+          self._quarantine(s)
     return None
+
+  def _quarantine(self, step: int) -> None:
+    """Move an unreadable step out of the manager's folder (kept for inspection, never overwritten)."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(f'{self.directory}.unreadable', f'{step}-{int(time.time())}')
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.exists(src):
+      shutil.move(src, dst)
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

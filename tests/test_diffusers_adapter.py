@@ -1,0 +1,126 @@
+"""Local diffusers Flax checkpoints behind NHWC wrappers: round trip through save_pretrained / the adapter.
+
+Tiny models are built from small configs (their UNet GroupNorms are fixed at 32 groups, hence 32 channels),
+saved to a temp dir and loaded back; outputs must equal the directly applied diffusers model.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffuseg_jax.errors import ConfigError, UserError
+from diffuseg_jax.models import diffusers_adapter as da
+from diffuseg_jax.models import latent
+
+B, H = 2, 16  # latent 8x8x4: NCHW and NHWC latents are distinguishable by diffusers
+
+
+def _host_params(module, seed=0):
+  """Params of the module's real tree, drawn on the host (compiling the initialisers would take seconds)."""
+  shapes = jax.eval_shape(module.init_weights, jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if path[-1].key == 'scale':
+      return np.ones(leaf.shape, np.float32)
+    std = 0.05 if path[-1].key == 'bias' else 1 / math.sqrt(max(1, math.prod(leaf.shape[:-1])))
+    return rng.normal(0.0, std, leaf.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _x(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, shape), jnp.float32)
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sd')
+  vae = da.FlaxAutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
+                          up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                          latent_channels=4, norm_num_groups=4, sample_size=H, scaling_factor=0.25)
+  unet = da.FlaxUNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4,
+                                  down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+                                  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), block_out_channels=(32, 32),
+                                  layers_per_block=1, attention_head_dim=8, cross_attention_dim=8)
+  vae_params, unet_params = _host_params(vae), _host_params(unet, 1)
+  vae.save_pretrained(root / 'vae', params=vae_params)  # SD pipeline layout: <root>/vae, <root>/unet
+  unet.save_pretrained(root / 'unet', params=unet_params)
+  return root, vae, vae_params, unet, unet_params
+
+
+def test_autoencoder_round_trip_nhwc(saved, capfd):
+  root, vae, vae_params, _, _ = saved
+  module, params = da.load_pretrained_autoencoder(root)  # resolves <root>/vae
+  x = _x(0, (B, H, H, 3))
+
+  def run(params, x):
+    mean, logvar = da.pretrained_ae_encode(module, params, x)
+    direct = vae.apply({'params': vae_params}, jnp.transpose(x, (0, 3, 1, 2)), method='encode').latent_dist
+    dec = da.pretrained_ae_decode(module, params, mean)
+    direct_dec = vae.apply({'params': vae_params}, jnp.transpose(direct.mean, (0, 3, 1, 2)), method='decode')
+    return mean, logvar, direct.mean, direct.logvar, dec, direct_dec.sample
+
+  mean, logvar, d_mean, d_logvar, dec, d_dec = jax.jit(run)(params, x)
+  assert mean.shape == (B, H // 2, H // 2, 4) and dec.shape == (B, H, H, 3)
+  np.testing.assert_allclose(mean, d_mean, atol=1e-6)
+  np.testing.assert_allclose(logvar, d_logvar, atol=1e-6)
+  np.testing.assert_allclose(dec, np.transpose(d_dec, (0, 2, 3, 1)), atol=1e-6)
+  # The codec on top: scaling factor from the saved config, downsample from the block count.
+  codec = latent.pretrained_codec(root / 'vae')
+  assert (codec.scaling_factor, codec.downsample, codec.latent_channels, codec.image_channels) == (0.25, 2, 4, 3)
+  z = jax.jit(lambda c, x: c.encode(x))(codec, x)
+  np.testing.assert_allclose(z, 0.25 * mean, atol=1e-6)
+  with pytest.raises(ConfigError, match='3-channel'):
+    codec.encode(jnp.zeros((1, H, H, 1)))
+  out = capfd.readouterr()
+  assert 'deprecated' not in out.out + out.err  # the per-setup deprecation notice is silenced
+
+
+def test_pretrained_cond_unet_matches_direct_call(saved, capfd):
+  root, _, _, unet, unet_params = saved
+  module, params = da.load_pretrained_unet(root)
+  wrapper = da.PretrainedCondUNet(module, cond_dim=3, num_cond_tokens=2)
+  variables = da.init_pretrained_cond_unet(wrapper, params, jax.random.key(0))
+  assert set(variables['params']) == {'null_cond', 'cond_tokens_0', 'cond_tokens_1', 'cond_tokens_norm', 'unet'}
+  # Rows 0-1: z_a, rows 2-3: z_b (same x and t); rows 0 and 2 dropped.
+  x, t = jnp.tile(_x(1, (B, 4, 4, 4)), (2, 1, 1, 1)), jnp.array([5, 900, 5, 900])
+  z = jnp.concatenate([_x(2, (B, 3)), _x(3, (B, 3))])
+  drop = jnp.array([True, False, True, False])
+
+  def run(v, x, t):
+    tokens = wrapper.apply(v, z, drop, method='embed_condition')
+    direct = unet.apply({'params': unet_params}, jnp.transpose(x, (0, 3, 1, 2)), t, tokens).sample
+    return wrapper.apply(v, x, t, z, drop), tokens, jnp.transpose(direct, (0, 2, 3, 1))
+
+  eps, tokens, direct = jax.jit(run)(variables, x, t)
+  assert eps.shape == (2 * B, 4, 4, 4) and eps.dtype == jnp.float32 and tokens.shape == (2 * B, 2, 8)
+  np.testing.assert_allclose(eps, direct, atol=1e-5)
+  np.testing.assert_allclose(eps[0], eps[2], atol=1e-6)  # dropped rows: null condition, z_dom ignored
+  assert np.abs(np.asarray(eps[1] - eps[3])).max() > 1e-4  # kept rows: z_dom matters
+  with pytest.raises(ConfigError, match='latent_channels'):
+    jax.eval_shape(lambda: wrapper.apply(variables, jnp.zeros((1, 4, 4, 3)), t[:1], z[:1]))
+  out = capfd.readouterr()
+  assert 'deprecated' not in out.out + out.err
+
+
+def test_bad_paths_raise_user_error(tmp_path, saved):
+  with pytest.raises(UserError, match='autoencoder.path.*not found'):
+    da.load_pretrained_autoencoder(tmp_path / 'missing')
+  with pytest.raises(UserError, match='no config.json'):
+    da.load_pretrained_unet(tmp_path)
+  with pytest.raises(UserError, match='autoencoder.path is not set'):
+    da.load_pretrained_autoencoder(None)
+  (tmp_path / 'config.json').write_text('{"_class_name": "FlaxAutoencoderKL"}')
+  with pytest.raises(UserError, match='diffusion_flax_model.msgpack'):
+    da.load_pretrained_autoencoder(tmp_path)
+  (tmp_path / 'diffusion_flax_model.msgpack').write_bytes(b'not msgpack')
+  with pytest.raises(UserError, match=str(tmp_path)):
+    da.load_pretrained_autoencoder(tmp_path)
+  # The UNet weights do not fit an autoencoder.
+  root = saved[0]
+  with pytest.raises(UserError, match='autoencoder.path'):
+    da.load_pretrained_autoencoder(root / 'unet')

@@ -96,6 +96,9 @@ def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
   ]
   if ev.get('strategies'):
     lines += ['Per-class Dice:', '', *per_class_table(ev['strategies']), '']
+  if os.path.isdir(ctx.path('predictions')):
+    lines += ['Test predictions (first seed) on each test image\'s original voxel grid and affine, in the '
+              'dataset\'s own label values: `predictions/<strategy>/<case>.nii.gz`.', '']
   lines += ['![segmentation examples](figures/segmentation_examples.png)', '']
   q = ev.get('image_quality')
   if q:
@@ -122,7 +125,9 @@ def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
         '',
         f'{syn["num_images"]} images; blended DDIM with {syn["num_steps"]} steps, eta {syn["eta"]}, guidance '
         f'{syn["guidance_scale"]}, blend mode {syn["blend_mode"]} until {syn["blend_until"]:.0%} of the steps, '
-        f'region content `{syn["region_content"]}`.',
+        f'region content `{syn["region_content"]}`. Pairs in `synthetic/images/` + `synthetic/labels/`'
+        + (f'; as an nnU-Net v2 raw dataset in `{syn["nnunet_dataset"]}/`.' if syn.get('nnunet_dataset')
+           else '.'),
         '',
         '![synthesis examples](figures/synthesis_examples.png)',
         '',

@@ -99,10 +99,10 @@ def load(data_config, seed: int) -> DomainData:
   parts = mscmr.target_splits(target_root, sequence, data_config, seed)
   for name in ('train', 'test'):
     layouts.require_cases(parts[name], f'MSCMRseg {name} subjects', target_root, mscmr.EXPECTED)
-  mscmr.check_labels(parts['train'] + parts['val'] + parts['test'])
+  target_label_map = mscmr.check_labels(parts['train'] + parts['val'] + parts['test'])
   source = [case for p in layouts.cap(list(cases), data_config.max_cases) for case in cases[p]]
   layouts.check_through_plane(source, data_config, DATASET)
   layouts.check_through_plane(parts['train'] + parts['val'] + parts['test'], data_config, mscmr.DATASET)
   return layouts.medical_domain(source=source, target=parts['train'], val=parts['val'], test=parts['test'],
                                 data_config=data_config, label_map=LABEL_MAP, class_names=CLASS_NAMES,
-                                target_label_map=mscmr.LABEL_MAP)
+                                target_label_map=target_label_map)

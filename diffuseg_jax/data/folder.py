@@ -105,13 +105,17 @@ def read_labels_json(path: pathlib.Path) -> dict[int, str] | None:
 
 
 def _map_split(split: Split, value_to_index: dict[int, int]) -> Split:
-  """Raw label values -> class indices, case by case so that an error names the label file."""
+  """Raw label values -> class indices, case by case so that an error names the label file; each case
+  records the raw values (`extra['label_values']`) so predictions are written back in them."""
   labels = np.empty_like(split.labels)
+  raw_values = volumes.raw_label_values(value_to_index)
+  infos = {}
   for case_id, info in split.volumes.items():
     rows = split.case_ids == case_id
     where = info.extra.get('label_path') or info.name
     labels[rows] = volumes.map_labels(split.labels[rows], value_to_index, where)
-  return dataclasses.replace(split, labels=labels)
+    infos[case_id] = dataclasses.replace(info, extra=dict(info.extra, label_values=raw_values))
+  return dataclasses.replace(split, labels=labels, volumes=infos)
 
 
 def load(data_config, seed: int) -> DomainData:

@@ -97,10 +97,17 @@ def sequence_cases(root: pathlib.Path, sequences: tuple[str, ...]) -> dict[str, 
   return cases
 
 
-def check_labels(cases: list[volumes.CaseFiles]) -> None:
-  """Detects each label file's release (raises DataError on an unknown or mixed value set)."""
-  for case in cases:
-    label_release(pathlib.Path(case.label_path))
+def check_labels(cases: list[volumes.CaseFiles]) -> dict[int, int]:
+  """Detects each label file's release (raises DataError on an unknown or mixed value set) -> the label map.
+
+  The map is always LABEL_MAP's union (the value sets are disjoint), ordered with the release found in the
+  files first: predictions are written back in that release's values (`volumes.raw_label_values`). A file
+  without foreground reads as 'challenge', so any 'consecutive' file decides.
+  """
+  releases = {label_release(pathlib.Path(case.label_path)) for case in cases}
+  if 'consecutive' in releases:
+    return {**CONSECUTIVE_LABELS, **CHALLENGE_LABELS}
+  return {**CHALLENGE_LABELS, **CONSECUTIVE_LABELS}
 
 
 def target_splits(
@@ -124,7 +131,7 @@ def load(data_config, seed: int) -> DomainData:
   target = [cases[s][target_seq] for s in parts['train']]
   val = [cases[s][target_seq] for s in parts['val']]
   test = [cases[s][target_seq] for s in parts['test']]
-  check_labels(source + target + val + test)
+  label_map = check_labels(source + target + val + test)
   layouts.check_through_plane(source + target + val + test, data_config, DATASET)
   return layouts.medical_domain(source=source, target=target, val=val, test=test, data_config=data_config,
-                                label_map=LABEL_MAP, class_names=CLASS_NAMES)
+                                label_map=label_map, class_names=CLASS_NAMES)

@@ -68,6 +68,20 @@ def map_labels(
   return lut[inverse].reshape(raw.shape)
 
 
+def raw_label_values(value_to_index: Mapping[int, int] | None) -> tuple[int, ...] | None:
+  """Class index -> the raw label value to write it back as: the FIRST raw value (in the mapping's order)
+  mapped to each index, so a loader puts its preferred value first where several map to one class (MM-WHS
+  421 -> LA after 420). None when there is no mapping or an index in 0..K-1 has no raw value."""
+  if not value_to_index:
+    return None
+  out: dict[int, int] = {}
+  for raw, index in value_to_index.items():
+    out.setdefault(int(index), int(raw))
+  if sorted(out) != list(range(len(out))):
+    return None
+  return tuple(out[k] for k in range(len(out)))
+
+
 def _size2(image_size: int | Sequence[int]) -> tuple[int, int]:
   if isinstance(image_size, int | np.integer):
     return int(image_size), int(image_size)
@@ -250,7 +264,8 @@ def build_split(
   non-source split. max_cases caps the number of cases (the first ones, in the given order).
   VolumeInfo per case: shape = canonical shape, affine = the file's original affine, spacing = canonical
   voxel size; extra = {to_original: orientation [3, 2] canonical -> file axes, original_shape,
-  canonical_affine, path, label_path}.
+  canonical_affine, path, label_path, label_values (`raw_label_values(label_map)`: raw value per class
+  index, to write predictions in the dataset's own label values; None without a label_map)}.
   """
   policy = empty_slice_policy(data_config.empty_slices, 'other') if empty_slices is None else empty_slices
   if data_config.max_cases is not None:
@@ -261,6 +276,7 @@ def build_split(
     raise ConfigError(f'config.data.slice_axis={data_config.slice_axis!r} must be 0, 1 or 2')
   percentiles = (0.0, 100.0) if data_config.percentiles is None else tuple(data_config.percentiles)
   parts, volumes = [], {}
+  label_values = raw_label_values(label_map)
   for k, case in enumerate(cases):
     image, label, geo = _read_case(case, percentiles)
     slice_axis = int(data_config.slice_axis)
@@ -275,7 +291,8 @@ def build_split(
     case_id = case_id_offset + k
     out['case_ids'] = np.full(out['slice_index'].shape, case_id, np.int32)
     parts.append(out)
-    extra = dict(geo['extra'], label_path=None if case.label_path is None else str(case.label_path))
+    extra = dict(geo['extra'], label_path=None if case.label_path is None else str(case.label_path),
+                 label_values=label_values)
     volumes[case_id] = VolumeInfo(
         name=case.name, shape=tuple(int(s) for s in geo['shape']), affine=np.asarray(geo['affine']),
         slice_axis=slice_axis, spacing=tuple(geo['spacing']), extra=extra,

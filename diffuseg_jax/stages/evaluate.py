@@ -9,7 +9,9 @@ metrics.json["evaluate"] (a stable shape for scripts):
   image_quality: {feature_network, fd_synthetic_vs_target, kid_synthetic_vs_target (mean, std),
                   fd_source_vs_target (the domain gap before synthesis), fd_target_vs_target_test (floor),
                   mbs_synthetic_vs_reference}
-Then the report (report.md, figures) is written.
+Medical volumes: the first seed's test predictions of each strategy are also written on the original voxel
+grids, `predictions/<strategy>/<case>.nii.gz` (stages/volume_outputs.py). Then the report (report.md,
+figures) is written.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from diffuseg_jax import report
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.metrics import features, image_quality
 from diffuseg_jax.metrics.segmentation import evaluate_cases, summarise
-from diffuseg_jax.stages import ffd_vae, segment
+from diffuseg_jax.stages import ffd_vae, segment, volume_outputs
 from diffuseg_jax.synthetic_io import load_synthetic
 
 SCORES = ('dice', 'iou', 'hd', 'hd95')
@@ -67,17 +69,16 @@ def _mean_or_none(values):
 def segmentation_results(ctx) -> tuple[dict, dict]:
   data = ctx.data
   test = data.test
-  volume_mode = test.volumes is not None
+  volume_mode = is_volumetric(ctx)
   grouped: dict[str, list] = {}
   predictions: dict[str, np.ndarray] = {}
   for strategy, seed in segment.runs(ctx):
     model, params = segment.load(ctx, strategy, seed)
     pred = predict(ctx, model, params, test.images)
-    predictions.setdefault(strategy, pred)
-    per_case = evaluate_cases(pred, test.labels, test.case_ids, data.num_classes, _spacings(test),
-                              volume_mode=volume_mode, slice_index=test.slice_index,
-                              hd_percentile=ctx.config.eval.hd_percentile)
-    summary = summarise(per_case, data.class_names)
+    if strategy not in predictions:  # the first seed's predictions: figures and predictions/<strategy>/
+      predictions[strategy] = pred
+      volume_outputs.write_predictions(ctx, strategy, pred)
+    summary = score_predictions(pred, test, data.class_names, volume_mode, ctx.config.eval.hd_percentile)
     summary['seed'] = seed
     grouped.setdefault(strategy, []).append(summary)
   results = {}
@@ -87,9 +88,34 @@ def segmentation_results(ctx) -> tuple[dict, dict]:
   return results, predictions
 
 
-def _spacings(split) -> np.ndarray:
-  """Per-slice spacing; volumes get the slice thickness as a third entry when known."""
-  if split.volumes is None:
+def score_predictions(pred: np.ndarray, test, class_names, volume_mode: bool, hd_percentile: float) -> dict:
+  """`summarise`d scores of int [N, H, W] predictions on the test split. Pixels outside the field of view
+  (retina) are set to background in both prediction and label, so they never count as errors."""
+  gt = test.labels
+  fov = field_of_view(test)
+  if fov is not None:
+    pred, gt = np.where(fov, pred, 0), np.where(fov, gt, 0)
+  per_case = evaluate_cases(pred, gt, test.case_ids, len(class_names), _spacings(test, volume_mode),
+                            volume_mode=volume_mode, slice_index=test.slice_index, hd_percentile=hd_percentile)
+  return summarise(per_case, class_names)
+
+
+def is_volumetric(ctx) -> bool:
+  """Medical volumes are scored in 3D (mm); 2D images (natural, retina) per image."""
+  test = ctx.data.test
+  return ctx.data.spacing_unit == 'mm' and test.volumes is not None and test.slice_index is not None
+
+
+def field_of_view(split) -> np.ndarray | None:
+  """[N, H, W] bool field-of-view masks when the dataset provides them (retina), else None."""
+  if split.volumes is None or not all('fov' in split.volumes[int(c)].extra for c in np.unique(split.case_ids)):
+    return None
+  return np.stack([np.asarray(split.volumes[int(c)].extra['fov'], bool) for c in split.case_ids])
+
+
+def _spacings(split, volume_mode: bool) -> np.ndarray:
+  """Per-slice spacing; volumes get the slice thickness as a third entry."""
+  if not volume_mode:
     return split.spacing
   thick = np.array([split.volumes[int(c)].spacing[split.volumes[int(c)].slice_axis] for c in split.case_ids])
   return np.concatenate([split.spacing, thick[:, None]], axis=1).astype(np.float32)

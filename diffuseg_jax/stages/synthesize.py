@@ -3,8 +3,9 @@
 For mask m_i (default: the source labels) and a random target reference image x_ref(i) (seeded by i):
   z_dom   = T's domain code of x_ref                      (the condition)
   r(m)    = region content at noise level 0, in latent space:
-              'rendered' (default): the label map painted with per-class target appearance (per-channel mean
-                and std of target pixels under T's pseudo-labels, i.i.d. per pixel), then encoded;
+              'rendered' (default): the label map painted with per-class target appearance: per-channel mean
+                and std of the reference image's pixels under T's pseudo-labels (global target statistics
+                where the reference lacks a class), i.i.d. per pixel, then encoded;
               'label': the literal label map as intensities (class k -> -1 + 2k/(K-1) in every channel).
   x_0     = blended DDIM (sampling/sampler.py) with m = the union of foreground classes at latent resolution
   image   = decode(x_0)
@@ -12,6 +13,8 @@ For mask m_i (default: the source labels) and a random target reference image x_
 Work is split into shards of `sampling.shard_size` masks; process p does shards k % P == p on its LOCAL
 devices, and each shard is written atomically (synthetic_io.py), so a killed job rerun skips finished shards
 and every mask appears exactly once. Memory is flat in the number of masks: one shard at a time.
+For NIfTI (medical) data the finished set is also exported as an nnU-Net v2 raw dataset,
+synthetic/nnunet/Dataset501_<data.name>/ (imagesTr/, labelsTr/, dataset.json), to train nnU-Net on it.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from diffuseg_jax import figures, synthetic_io
+from diffuseg_jax.data import export
 from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.sampling import blend as blend_lib
 from diffuseg_jax.sampling.sampler import SamplerSettings, blended_ddim_sample
 from diffuseg_jax.stages import diffusion, ffd_vae
+
+NNUNET_DATASET_ID = 501  # synthetic/nnunet/Dataset501_<data.name>: medical (NIfTI) data only
 
 
 def masks_for(ctx) -> np.ndarray:
@@ -50,6 +56,24 @@ def masks_for(ctx) -> np.ndarray:
   return np.asarray(masks, np.int32)
 
 
+def mask_spacing(ctx, mask_index: np.ndarray) -> np.ndarray:
+  """[M, 2] in-plane pixel size (mm for medical data) of the slices the masks `mask_index` come from."""
+  split = ctx.data.source if ctx.config.sampling.mask_set == 'source' else ctx.data.test
+  return split.spacing[np.asarray(mask_index) % len(split)]
+
+
+def export_nnunet(ctx) -> str:
+  """The synthetic pairs as an nnU-Net v2 raw dataset: synthetic/nnunet/Dataset501_<data.name>/."""
+  synth = synthetic_io.load_synthetic(ctx)
+  channels = synth['image'].shape[-1]
+  root = export.export_nnunet(
+      {'images': synth['image'], 'labels': synth['label'], 'spacing': mask_spacing(ctx, synth['mask_index']),
+       'names': [f'{ctx.config.data.name}_{int(i):07d}' for i in synth['mask_index']]},
+      os.path.join(synthetic_io.synthetic_dir(ctx), 'nnunet'), NNUNET_DATASET_ID, str(ctx.config.data.name),
+      ctx.data.class_names, ('image',) if channels == 1 else tuple(f'channel{c}' for c in range(channels)))
+  return str(root)
+
+
 def num_shards(ctx) -> int:
   return -(-len(masks_for(ctx)) // ctx.config.sampling.shard_size)
 
@@ -64,8 +88,15 @@ def reference_indices(num_masks: int, num_targets: int, seed: int) -> np.ndarray
   return np.random.default_rng([seed, 1729]).integers(0, num_targets, size=num_masks)
 
 
+MIN_CLASS_PIXELS = 4  # fewer pseudo-labelled pixels of a class in a reference image: use the global stats
+
+
 def class_appearance(ctx, student) -> dict[str, np.ndarray]:
-  """Per-class, per-channel mean and std of target training pixels under T's pseudo-labels: [K, C] each."""
+  """Per-class, per-channel mean and std of target training pixels under T's pseudo-labels.
+
+  'image_mean'/'image_std' [N, K, C]: the statistics within each target image (its own appearance), falling
+  back to 'mean'/'std' [K, C] (over all target images) where the image has < MIN_CLASS_PIXELS of a class.
+  """
   model, params = student
   images = ctx.data.target.images
   k = ctx.data.num_classes
@@ -75,24 +106,48 @@ def class_appearance(ctx, student) -> dict[str, np.ndarray]:
     return jnp.argmax(model.apply({'params': p}, x, sample=False)['seg_logits'], -1)
 
   labels = batched_apply(pseudo, images, ctx.config.eval.batch_size, ctx.mesh, args=(params,))
-  pix = images.reshape(-1, images.shape[-1])
-  lab = labels.reshape(-1)
-  mean = np.zeros((k, images.shape[-1]), np.float32)
-  std = np.zeros_like(mean)
-  overall_mean, overall_std = pix.mean(0), pix.std(0)
-  for c in range(k):
-    sel = pix[lab == c]
-    mean[c], std[c] = (sel.mean(0), sel.std(0)) if len(sel) >= 10 else (overall_mean, overall_std)
-  return {'mean': mean, 'std': std, 'pseudo_label_fraction': np.bincount(lab, minlength=k) / lab.size}
+  return appearance_statistics(images, labels, k)
+
+
+def appearance_statistics(images: np.ndarray, labels: np.ndarray, k: int) -> dict[str, np.ndarray]:
+  """The statistics of `class_appearance` from images [N, H, W, C] and labels [N, H, W] in 0..k-1."""
+  n, c = len(images), images.shape[-1]
+  counts = np.zeros((n, k), np.float64)
+  sums = np.zeros((n, k, c), np.float64)
+  squares = np.zeros((n, k, c), np.float64)
+  for cls in range(k):
+    m = (labels == cls).astype(np.float64)
+    counts[:, cls] = m.sum(axis=(1, 2))
+    sums[:, cls] = np.einsum('nhw,nhwc->nc', m, images)
+    squares[:, cls] = np.einsum('nhw,nhwc->nc', m, images.astype(np.float64) ** 2)
+  total = np.maximum(counts.sum(0), 1)[:, None]
+  mean = sums.sum(0) / total
+  std = np.sqrt(np.maximum(squares.sum(0) / total - mean**2, 0.0))
+  absent = counts.sum(0) < MIN_CLASS_PIXELS
+  mean[absent] = images.reshape(-1, c).mean(0)
+  std[absent] = images.reshape(-1, c).std(0)
+  enough = (counts >= MIN_CLASS_PIXELS)[..., None]
+  safe = np.maximum(counts, 1)[..., None]
+  image_mean = np.where(enough, sums / safe, mean[None])
+  image_std = np.where(enough, np.sqrt(np.maximum(squares / safe - (sums / safe) ** 2, 0.0)), std[None])
+  return {'mean': mean.astype(np.float32), 'std': std.astype(np.float32),
+          'image_mean': image_mean.astype(np.float32), 'image_std': image_std.astype(np.float32),
+          'pseudo_label_fraction': counts.sum(0) / counts.sum()}
 
 
 def render_regions(masks: np.ndarray, mode: str, appearance: dict | None, num_classes: int, channels: int,
-                   rng: np.random.Generator) -> np.ndarray:
-  """Region content r(m) in image space [B, H, W, C] in [-1, 1]."""
+                   rng: np.random.Generator, references: np.ndarray | None = None) -> np.ndarray:
+  """Region content r(m) in image space [B, H, W, C] in [-1, 1].
+
+  'label': class k -> -1 + 2k/(K-1) in every channel. 'rendered': each pixel of class k drawn from
+  N(mean_k, std_k) per channel, with the statistics of the mask's reference target image (`references` [B]
+  rows of appearance['image_mean']) so that the region matches the image it is blended into.
+  """
   if mode == 'label':
     value = -1.0 + 2.0 * masks.astype(np.float32) / max(num_classes - 1, 1)
     return np.repeat(value[..., None], channels, axis=-1)
-  mean, std = appearance['mean'][masks], appearance['std'][masks]
+  rows = np.asarray(references)[:, None, None]
+  mean, std = appearance['image_mean'][rows, masks], appearance['image_std'][rows, masks]
   return np.clip(mean + std * rng.standard_normal(mean.shape).astype(np.float32), -1.0, 1.0)
 
 
@@ -144,7 +199,8 @@ def run(ctx) -> None:
       pad = np.concatenate([sel, np.full(batch_size - len(sel), sel[-1])])
       m = masks[pad]
       rng = np.random.default_rng([ctx.config.seed, k, b])
-      region = render_regions(m, cfg.region_content, appearance, data.num_classes, data.channels, rng)
+      region = render_regions(m, cfg.region_content, appearance, data.num_classes, data.channels, rng,
+                              refs[pad])
       blend_mask = (m > 0) if cfg.mask_union else np.ones_like(m, bool)
       key = jax.random.fold_in(jax.random.fold_in(base_key, k), b)
       images, err = synthesise(unet_params, codec, key, jax.device_put(region, rows),
@@ -157,8 +213,7 @@ def run(ctx) -> None:
       bar.set_postfix(img_s=f'{done_images / (time.perf_counter() - t0):.1f}')
     max_err = max(max_err, float(np.max(np.concatenate(errs))))
     synthetic_io.write_shard(root, k, np.concatenate(out_images), masks[idx], idx, refs[idx],
-                             data.source.spacing[idx % len(data.source)] if cfg.mask_set == 'source'
-                             else data.test.spacing[idx % len(data.test)], data.image_format)
+                             mask_spacing(ctx, idx), data.image_format)
   bar.close()
   elapsed = time.perf_counter() - t0
   if jax.process_count() > 1:
@@ -169,6 +224,8 @@ def run(ctx) -> None:
   if missing:
     raise RuntimeError(f'synthesize: shards {missing[:5]}... are missing after all processes finished')
   count = synthetic_io.merge_manifest(root, shards)
+  # Before the metrics entry that marks the stage done: a failed export is retried by a rerun.
+  nnunet_dir = export_nnunet(ctx) if data.image_format == 'nifti' else None
   result = {
       'num_images': count,
       'images_per_second_this_run': (done_images / elapsed) if done_images else None,
@@ -178,6 +235,8 @@ def run(ctx) -> None:
       # rounding for hard blending with blend_until = 1, where the method pastes r(m) at the last step.
       'region_max_abs_error_latent': max_err if done_images else None,
   }
+  if nnunet_dir is not None:
+    result['nnunet_dataset'] = os.path.relpath(nnunet_dir, ctx.workdir)
   if appearance is not None:
     result['class_appearance_mean'] = appearance['mean'].tolist()
     result['class_appearance_std'] = appearance['std'].tolist()

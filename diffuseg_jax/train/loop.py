@@ -70,6 +70,8 @@ def fit(
     if data_state:
       pipeline.set_iterator_state(iterator, data_state)
   start = int(jax.device_get(state.step))
+  if resumed_from is not None and ctx.is_main_process:
+    print(f'[{stage}] resuming from checkpoint step {resumed_from} of {num_steps}', flush=True)
   if start >= num_steps:
     ckpt.close()
     return FitResult(state, resumed_from, 0, None)

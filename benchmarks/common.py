@@ -1,0 +1,247 @@
+"""Measurement helpers shared by the benchmark harnesses: timing, memory, FLOP counts, the matmul ceiling.
+
+Timing protocol (both harnesses): every implementation is warmed up once, then the timed runs of all
+implementations are interleaved (A B C A B C ...), so that load from other processes on a shared machine
+hits every implementation alike; each run ends with a blocking wait for its result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def torch_or_none():
+  """The torch module, or None when the optional `bench` extra is not installed."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  return torch
+
+
+@dataclasses.dataclass
+class Timing:
+  """Wall times in seconds of the timed runs of one implementation, each producing `images` images."""
+
+  images: int
+  seconds: list[float] = dataclasses.field(default_factory=list)
+
+  def images_per_second(self) -> tuple[float, float, float]:
+    """(median, min, max) images/s over the runs."""
+    rates = [self.images / s for s in self.seconds]
+    return statistics.median(rates), min(rates), max(rates)
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], images: int, repeats: int) -> dict[str, Timing]:
+  """Time `repeats` rounds of every callable in turn; each callable must block until its result is ready."""
+  timings = {name: Timing(images) for name in runs}
+  for _ in range(repeats):
+    for name, fn in runs.items():
+      t0 = time.perf_counter()
+      fn()
+      timings[name].seconds.append(time.perf_counter() - t0)
+  return timings
+
+
+def _current_rss_bytes() -> int:
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+  except (OSError, ValueError, IndexError):
+    return 0
+
+
+def peak_rss_bytes() -> int:
+  """Process RSS high-water mark since start (bytes)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak if sys.platform == 'darwin' else peak * 1024
+
+
+class RssSampler:
+  """Highest process RSS seen while the context is open (polled every `interval` s; Linux /proc).
+
+  The process-wide high-water mark only grows, so with several implementations in one process it cannot say
+  which one used the memory; the sampled peak of a window can (minus the baseline, which is reported too).
+  """
+
+  def __init__(self, interval: float = 0.005):
+    self.interval, self.peak, self.baseline = interval, 0, 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._poll, daemon=True)
+
+  def _poll(self):
+    while not self._stop.is_set():
+      self.peak = max(self.peak, _current_rss_bytes())
+      time.sleep(self.interval)
+
+  def __enter__(self) -> RssSampler:
+    self.baseline = self.peak = _current_rss_bytes()
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, _current_rss_bytes())
+
+
+def device_peak_bytes() -> int | None:
+  """Peak bytes in use on the first JAX device (accelerators only; None on CPU)."""
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != 'cpu' else None
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def xla_flops(compiled) -> float | None:
+  """FLOPs of one execution of a compiled XLA program, from XLA's cost analysis (None if unavailable)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = cost.get('flops') if cost else None
+  return float(flops) if flops and flops > 0 else None
+
+
+def matmul_ceiling_gflops(n: int, repeats: int = 5) -> float:
+  """Best-of-`repeats` GFLOP/s of a jitted float32 [n, n] @ [n, n] on the default device: a dense-compute
+  ceiling for this machine, measured in the same process (and load) as the benchmark."""
+  key = jax.random.key(0)
+  a = jax.random.normal(key, (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  best = min(_time(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+  return 2.0 * n**3 / best / 1e9
+
+
+def torch_matmul_gflops(n: int, repeats: int = 5) -> float | None:
+  torch = torch_or_none()
+  if torch is None:
+    return None
+  dev = torch_device()
+  a = torch.randn(n, n, device=dev)
+  b = torch.randn(n, n, device=dev)
+  torch_sync(torch.mm(a, b))
+  best = min(_time(lambda: torch_sync(torch.mm(a, b))) for _ in range(repeats))
+  return 2.0 * n**3 / best / 1e9
+
+
+def _time(fn: Callable[[], Any]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def torch_device():
+  torch = torch_or_none()
+  return 'cuda' if torch is not None and torch.cuda.is_available() and jax.default_backend() == 'gpu' else 'cpu'
+
+
+def torch_sync(out=None):
+  """Block until torch work is done (CUDA is asynchronous; CPU eager is not)."""
+  torch = torch_or_none()
+  if torch is not None and torch.cuda.is_available():
+    torch.cuda.synchronize()
+  return out
+
+
+def environment() -> dict[str, Any]:
+  """Machine and library versions for the results header."""
+  torch = torch_or_none()
+  try:
+    import diffusers
+    diffusers_version = diffusers.__version__
+  except ImportError:
+    diffusers_version = None
+  dev = jax.devices()[0]
+  return {
+      'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
+      'host': platform.node(),
+      'platform': platform.platform(),
+      'cpu': _cpu_model(),
+      'cpu_count': os.cpu_count(),
+      'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
+      'python': platform.python_version(),
+      'jax': jax.__version__,
+      'jax_backend': jax.default_backend(),
+      'jax_device': getattr(dev, 'device_kind', str(dev)),
+      'jax_device_count': jax.device_count(),
+      'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+      'torch': getattr(torch, '__version__', None),
+      'torch_threads': torch.get_num_threads() if torch is not None else None,
+      'diffusers': diffusers_version,
+  }
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  """A markdown table of `rows` (dicts) restricted to `columns`; floats printed with 3 significant digits."""
+  def cell(v):
+    if v is None:
+      return '-'
+    if isinstance(v, float):
+      return f'{v:.3g}' if abs(v) < 1e4 else f'{v:.0f}'
+    return str(v)
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(cell(r.get(c)) for c in columns) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def rate_cell(timing: Timing | None) -> dict[str, Any]:
+  if timing is None or not timing.seconds:
+    return {'img_s': None, 'img_s_range': None}
+  med, lo, hi = timing.images_per_second()
+  return {'img_s': med, 'img_s_range': f'{lo:.3g}-{hi:.3g}'}
+
+
+def mib(n: int | None) -> float | None:
+  return None if n is None else n / 2**20
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+  return None if a is None or b is None or b == 0 else a / b
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+  if path:
+    with open(path, 'w') as f:
+      json.dump(payload, f, indent=1, default=str)
+
+
+def random_params(params, key: jax.Array, scale: float = 0.05):
+  """params + scale * N(0, 1) on every leaf: non-zero biases and zero-initialised kernels, so an equivalence
+  check exercises every weight (an untrained CondUNet's output conv is zero, which would match trivially)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+  return jax.tree.unflatten(tree, noisy)
+
+
+def param_count(params) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))

@@ -1,0 +1,248 @@
+"""The whole pipeline (teacher ... evaluate) on tiny copies of each medical dataset's public layout.
+
+Every dataset is built on disk in its release layout (tests/medical_fixtures.py, tests/fixtures.py) and run
+with the tiny test config (2 steps per stage, strategies transfer + diffuseg). The checks are the outputs
+a user relies on: scores in metrics.json, predictions on the ORIGINAL voxel grid with the ORIGINAL affine and
+the dataset's own label values, synthetic NIfTI pairs with their spacing, and the nnU-Net export.
+
+Compile time dominates on CPU, so the module shares one persistent XLA cache across its runs: datasets with
+the same shapes (MSCMRseg, ACDC -> MSCMRseg) then reuse each other's programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import fixtures
+import jax
+import medical_fixtures as mf
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import tiny_config
+from jax.experimental.compilation_cache import compilation_cache
+
+from diffuseg_jax import pipeline
+from diffuseg_jax.context import Context
+from diffuseg_jax.data import nifti
+from diffuseg_jax.data.types import Split, VolumeInfo
+from diffuseg_jax.stages import evaluate, synthesize, volume_outputs
+from diffuseg_jax.synthetic_io import load_synthetic
+
+STRATEGIES = ('transfer', 'diffuseg')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def shared_compile_cache(tmp_path_factory):
+  """One persistent XLA cache for this module's runs; the previous settings are restored afterwards."""
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update('jax_compilation_cache_dir', before[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])
+  compilation_cache.reset_cache()
+
+
+def fast_config(**data):
+  """configs/test.py shrunk further (2 steps everywhere), with the given `config.data` fields."""
+  c = tiny_config()
+  c.data.image_size = 16
+  for key, value in data.items():
+    c.data[key] = value
+  c.vae.teacher_steps = c.vae.student_steps = 2
+  c.diffusion.steps = 2
+  c.sampling.num_steps = 2
+  c.segmentation.steps = 2
+  c.segmentation.strategies = ','.join(STRATEGIES)
+  c.eval.num_figure_examples = 1
+  return c
+
+
+# Each builder writes its dataset under `root` and returns (config, {test image name: image file}).
+def build_mscmr(root: pathlib.Path):
+  mf.make_mscmr(root / 'MSCMRseg', sequences=('C0', 'DE'))
+  config = fast_config(name='mscmr', root=str(root / 'MSCMRseg'), source='C0', target='DE',
+                       empty_slices='drop_source')
+  return config, _mscmr_images(root / 'MSCMRseg')
+
+
+def build_acdc_mscmr(root: pathlib.Path):
+  mf.make_acdc(root / 'ACDC', n_patients=3)
+  mf.make_mscmr(root / 'MSCMRseg', sequences=('DE',), release='consecutive', seed=5)
+  config = fast_config(name='acdc', root=str(root / 'ACDC'), target_root=str(root / 'MSCMRseg'), target='DE',
+                       empty_slices='drop_source')
+  return config, _mscmr_images(root / 'MSCMRseg')
+
+
+def build_mmwhs(root: pathlib.Path):
+  mf.make_mmwhs(root / 'MM-WHS', n_mr=3, n_ct=6)
+  config = fast_config(name='mmwhs', root=str(root / 'MM-WHS'), source='mr', target='ct', slice_axis=2,
+                       empty_slices='drop_source')
+  images = {p.name[: -len('_image.nii.gz')]: p for p in (root / 'MM-WHS' / 'ct_train').glob('*_image.nii.gz')}
+  return config, images
+
+
+def build_folder_nifti(root: pathlib.Path, shape=(4, 8, 6)):
+  """The folder layout with 3D NIfTI volumes (fixtures.PERMUTED_LPS_AFFINE) and raw label values 10 / 20,
+  no labels.json: classes come from the values found."""
+  rng = np.random.default_rng(0)
+  for split, names in (('source', ('s1', 's2')), ('target', ('t1', 't2')), ('test', ('x1', 'x2'))):
+    for name in names:
+      fixtures.write_volume(root / 'mydata' / split / 'images' / f'{name}.nii.gz', fixtures.random_volume(rng, shape))
+      if split != 'target':
+        fixtures.write_volume(root / 'mydata' / split / 'labels' / f'{name}.nii.gz',
+                              fixtures.blob_labels(shape, values=(10, 20)), dtype=np.uint8)
+  config = fast_config(name='folder', root=str(root / 'mydata'), empty_slices='drop_source')
+  return config, {nifti.nifti_stem(p): p for p in (root / 'mydata' / 'test' / 'images').iterdir()}
+
+
+def build_retina(root: pathlib.Path):
+  mf.make_drive(root / 'DRIVE')
+  mf.make_iostar(root / 'IOSTAR')
+  config = fast_config(name='retina', root=str(root / 'DRIVE'), target_root=str(root / 'IOSTAR'),
+                       source='drive', target='iostar', channels=3)
+  return config, {}
+
+
+def _mscmr_images(root: pathlib.Path) -> dict[str, pathlib.Path]:
+  return {nifti.nifti_stem(p): p for p in (root / 'c0t2lge').glob('subject*_DE.nii.gz')}
+
+
+BUILDERS = {'mscmr': build_mscmr, 'acdc_mscmr': build_acdc_mscmr, 'mmwhs': build_mmwhs,
+            'folder_nifti': build_folder_nifti, 'retina': build_retina}
+VOLUMETRIC = ('mscmr', 'acdc_mscmr', 'mmwhs', 'folder_nifti')
+# Raw label values of each class index, as the dataset's own files store them.
+RAW_VALUES = {
+    'mscmr': (0, 500, 600, 200),  # the challenge release of the fixture
+    'acdc_mscmr': (0, 3, 1, 2),  # the target MSCMRseg fixture uses the consecutive (ACDC-style) values
+    'mmwhs': (0, 500, 600, 420, 550, 205, 820, 850),
+    'folder_nifti': (0, 10, 20),
+}
+
+
+@pytest.fixture(scope='module', params=list(BUILDERS))
+def finished(request, tmp_path_factory, shared_compile_cache):
+  del shared_compile_cache
+  root = tmp_path_factory.mktemp(request.param)
+  config, images = BUILDERS[request.param](root)
+  ctx = pipeline.run(config, str(root / 'workdir'), show_progress=False)
+  return request.param, ctx, images
+
+
+def test_scores_and_units(finished):
+  name, ctx, _ = finished
+  ev = ctx.read_metrics()['evaluate']
+  assert set(ev['strategies']) == set(STRATEGIES)
+  for r in ev['strategies'].values():
+    assert 0.0 <= r['dice_mean'] <= 1.0 and 0.0 <= r['iou_mean'] <= 1.0
+    assert set(r['per_class']) == set(ctx.data.class_names[1:])
+  assert ev['distance_unit'] == ('px' if name == 'retina' else 'mm')
+  assert ev['num_test_cases'] == len(np.unique(ctx.data.test.case_ids))
+  assert os.path.exists(ctx.path('report.md'))
+
+
+def test_predictions_on_the_original_grid(finished):
+  """One file per test case and strategy, with exactly the original image's shape and affine."""
+  name, ctx, images = finished
+  if name not in VOLUMETRIC:
+    assert not os.path.exists(ctx.path('predictions'))
+    return
+  test_names = sorted(info.name for info in ctx.data.test.volumes.values())
+  assert test_names and set(test_names) <= set(images)
+  for strategy in STRATEGIES:
+    files = sorted(os.listdir(ctx.path('predictions', strategy)))
+    assert files == [f'{n}.nii.gz' for n in test_names]
+    for case in test_names:
+      original = nib.load(str(images[case]))
+      pred = nib.load(ctx.path('predictions', strategy, f'{case}.nii.gz'))
+      assert pred.shape == original.shape
+      np.testing.assert_array_equal(pred.affine, original.affine)
+      values = set(np.unique(np.asarray(pred.dataobj)).tolist())
+      assert values <= set(RAW_VALUES[name]), values
+
+
+def test_ground_truth_written_back_equals_the_label_files(finished, tmp_path):
+  """The writer itself, fed the test LABELS as predictions: the files must reproduce the label files
+  voxel for voxel in raw values (in-plane size = model size, so resizing is exact), MM-WHS 421 -> 420."""
+  name, ctx, images = finished
+  if name not in VOLUMETRIC:
+    return
+  copy = Context(config=ctx.config, workdir=str(tmp_path), mesh=ctx.mesh, show_progress=False)
+  written = volume_outputs.write_predictions(copy, 'ground_truth', copy.data.test.labels)
+  assert len(written) == len(copy.data.test.volumes)
+  for path in written:
+    case = nifti.nifti_stem(path)
+    info = next(v for v in copy.data.test.volumes.values() if v.name == case)
+    expected = np.asarray(nib.load(info.extra['label_path']).dataobj).astype(np.int64)
+    expected[expected == 421] = 420
+    got = np.asarray(nib.load(path).dataobj).astype(np.int64)
+    if name == 'folder_nifti':  # 8 x 6 slices go through 16 x 16 and back: nearest resizing is lossy
+      assert got.shape == expected.shape and np.mean(got == expected) > 0.9
+    else:
+      np.testing.assert_array_equal(got, expected)
+
+
+def test_synthetic_pairs_and_nnunet_export(finished):
+  name, ctx, _ = finished
+  synth_dir = pathlib.Path(ctx.path('synthetic'))
+  rows = [json.loads(line) for line in open(synth_dir / 'manifest.jsonl')]
+  assert rows
+  nnunet = synth_dir / 'nnunet'
+  if name == 'retina':  # PNG data: PNG pairs, no nnU-Net export
+    assert rows[0]['image'].endswith('.png') and not nnunet.exists()
+    return
+  spacing = synthesize.mask_spacing(ctx, np.array([r['mask_index'] for r in rows]))
+  for row, (sh, sw) in list(zip(rows, spacing, strict=True))[:4]:
+    for rel in (row['image'], row['label']):
+      img = nib.load(str(synth_dir / rel))
+      np.testing.assert_allclose(img.header.get_zooms()[:2], (sh, sw), rtol=1e-5)
+  folders = list(nnunet.glob('Dataset501_*'))
+  assert [f.name for f in folders] == [f'Dataset501_{ctx.config.data.name}']
+  meta = json.loads((folders[0] / 'dataset.json').read_text())
+  assert meta['labels'] == {'background': 0, **{c: i for i, c in enumerate(ctx.data.class_names) if i}}
+  assert meta['numTraining'] == len(rows) == len(list((folders[0] / 'labelsTr').glob('*.nii.gz')))
+  assert meta['file_ending'] == '.nii.gz' and meta['channel_names'] == {'0': 'image'}
+  assert ctx.read_metrics()['synthesize']['nnunet_dataset'] == os.path.join('synthetic', 'nnunet',
+                                                                            folders[0].name)
+  # nnU-Net case files carry the spacing too, and the labels are the synthetic (given) masks.
+  synth = load_synthetic(ctx)
+  first = f'{ctx.config.data.name}_{int(synth["mask_index"][0]):07d}'
+  label = nib.load(str(folders[0] / 'labelsTr' / f'{first}.nii.gz'))
+  np.testing.assert_array_equal(np.asarray(label.dataobj)[..., 0], synth['label'][0])
+  np.testing.assert_allclose(label.header.get_zooms()[:2], spacing[0], rtol=1e-5)
+
+
+def _fov_split(fov: np.ndarray, labels: np.ndarray) -> Split:
+  n = labels.shape[0]
+  volumes = {i: VolumeInfo(name=f'img{i}', shape=(*labels.shape[1:], 1), affine=np.eye(4), slice_axis=2,
+                           spacing=(1.0, 1.0, 1.0), extra={'fov': fov[i]}) for i in range(n)}
+  return Split(images=np.zeros((*labels.shape, 3), np.float32), labels=labels,
+               case_ids=np.arange(n, dtype=np.int32), spacing=np.ones((n, 2), np.float32),
+               slice_index=np.zeros(n, np.int32), volumes=volumes)
+
+
+def test_errors_outside_the_field_of_view_are_not_scored():
+  """Retina: flipping predictions outside the FOV leaves every score unchanged; inside, it does not."""
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[:12, :12]
+  fov = np.broadcast_to((yy - 5.5) ** 2 + (xx - 5.5) ** 2 <= 30, (2, 12, 12))
+  labels = (rng.random((2, 12, 12)) < 0.3).astype(np.int32) * fov
+  pred = labels.copy()
+  pred[:, 5:7, 2:9] = 1  # a few true errors inside the FOV
+  split = _fov_split(fov, labels)
+  names = ('background', 'vessel')
+  base = evaluate.score_predictions(pred, split, names, False, 95.0)
+  noisy = np.where(fov, pred, 1 - pred)  # every pixel outside the FOV is wrong
+  assert evaluate.score_predictions(noisy, split, names, False, 95.0) == base
+  # Reference Dice by hand on the FOV pixels, image by image, then the mean over images.
+  dice = [2 * np.sum((pred[i] == 1) & (labels[i] == 1) & fov[i])
+          / (np.sum((pred[i] == 1) & fov[i]) + np.sum((labels[i] == 1) & fov[i])) for i in range(2)]
+  np.testing.assert_allclose(base['dice_mean'], np.mean(dice), rtol=1e-12)
+  # Without the FOV the same outside errors would count: the masking is what keeps the score.
+  no_fov = dataclasses.replace(split, volumes=None)
+  assert evaluate.score_predictions(noisy, no_fov, names, False, 95.0)['dice_mean'] < base['dice_mean'] - 0.1

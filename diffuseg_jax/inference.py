@@ -34,6 +34,7 @@ def batched_apply(
   ndev = mesh.shape['data']
   bs = max(ndev, -(-batch_size // ndev) * ndev)
   batch_sh = sharding.batch_sharding(mesh)
+  args = jax.device_put(args, sharding.replicated(mesh))  # e.g. params loaded on one device
   outs = []
   for start in tqdm(range(0, n, bs), desc=desc, disable=not show_progress or desc is None, leave=False):
     rows = np.arange(start, min(start + bs, n))

@@ -124,3 +124,34 @@ def test_bad_paths_raise_user_error(tmp_path, saved):
   root = saved[0]
   with pytest.raises(UserError, match='autoencoder.path'):
     da.load_pretrained_autoencoder(root / 'unet')
+
+
+def test_diffusion_stage_trains_a_local_pretrained_sd_layout(saved, tmp_path):
+  """autoencoder.kind=pretrained + diffusion.pretrained_unet_path: the stage's model, init and one step."""
+  import functools
+
+  from helpers import make_context, tiny_config
+
+  from diffuseg_jax.stages import autoencoder, diffusion
+  from diffuseg_jax.train import init as train_init
+  from diffuseg_jax.train import sharding
+
+  root, _, _, _, unet_params = saved
+  config = tiny_config()
+  config.autoencoder.kind = 'pretrained'
+  config.autoencoder.path = str(root)
+  config.diffusion.pretrained_unet_path = str(root)
+  config.vae.z_dom_dim = 4
+  ctx = make_context(config, tmp_path)
+  autoencoder.run(ctx)  # records the pretrained scaling factor (0.25)
+  assert ctx.read_metrics()['autoencoder']['scaling_factor'] == 0.25
+  codec, model, init_params, tx = diffusion._parts(ctx)
+  state = train_init.create_train_state(init_params, jax.random.key(0), tx, 0.99, ctx.mesh)
+  np.testing.assert_array_equal(  # the pretrained weights are the starting point, not re-initialised
+      np.asarray(state.params['unet']['conv_in']['kernel']), np.asarray(unet_params['conv_in']['kernel']))
+  latents = autoencoder.encode_images(ctx, codec, ctx.data.target.images[:16])
+  assert latents.shape == (16, 8, 8, 4)
+  batch = sharding.shard_batch({'latent': latents, 'z_dom': np.zeros((16, 4), np.float32)}, ctx.mesh)
+  step = functools.partial(diffusion.diffusion_step, model, 0.1, jnp.asarray(diffusion.schedule(ctx).alphas_cumprod))
+  new_state, metrics = jax.jit(step)(state, batch, jax.random.key(1), None)
+  assert np.isfinite(float(metrics['loss'])) and int(new_state.step) == 1

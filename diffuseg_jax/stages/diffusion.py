@@ -30,15 +30,27 @@ def schedule(ctx) -> schedules.Schedule:
 
 
 def _parts(ctx):
+  """(codec, UNet module, init_params(key), optimiser). With diffusion.pretrained_unet_path, the UNet is a
+  local diffusers Flax UNet (fine-tuned here, its weights the starting point) behind a z_dom token projection."""
   codec = autoencoder.load_codec(ctx)
-  model = build_cond_unet(ctx.config.diffusion, channels=codec.latent_channels, cond_dim=ctx.config.vae.z_dom_dim)
+  cfg, cond_dim = ctx.config.diffusion, ctx.config.vae.z_dom_dim
   h, w = ctx.data.image_size
   f = codec.downsample
   shape = (1, h // f, w // f, codec.latent_channels)
+  if cfg.pretrained_unet_path:
+    from diffuseg_jax.models import diffusers_adapter
 
-  def init_params(key):
-    return model.init(key, jnp.zeros(shape), jnp.zeros((1,), jnp.int32), jnp.zeros((1, ctx.config.vae.z_dom_dim)),
-                      jnp.zeros((1,), bool))['params']
+    unet, unet_params = diffusers_adapter.load_pretrained_unet(cfg.pretrained_unet_path)
+    model = diffusers_adapter.PretrainedCondUNet(unet, cond_dim=cond_dim, num_cond_tokens=cfg.num_cond_tokens)
+
+    def init_params(key):
+      return diffusers_adapter.init_pretrained_cond_unet(model, unet_params, key)['params']
+  else:
+    model = build_cond_unet(cfg, channels=codec.latent_channels, cond_dim=cond_dim)
+
+    def init_params(key):
+      return model.init(key, jnp.zeros(shape), jnp.zeros((1,), jnp.int32), jnp.zeros((1, cond_dim)),
+                        jnp.zeros((1,), bool))['params']
 
   tx = make_optimizer(ctx.config.diffusion.learning_rate, ctx.config.diffusion.steps, ctx.config.train)
   return codec, model, init_params, tx

@@ -34,6 +34,7 @@ class FitResult:
   images_per_second: float | None
 
 
+@preemption.cooperative()  # SIGTERM in here only sets a flag: the loop picks the step to stop at
 def fit(
     *,
     stage: str,
@@ -93,14 +94,19 @@ def fit(
   )
   t_last, n_last, ips = time.perf_counter(), start, None
   preemption.install_handler()
+  # The save is collective, so every process must stop at the same step: `should_stop` is that agreement.
+  agree_every = int(config.checkpoint.get('preemption_check_every', preemption.DEFAULT_AGREE_EVERY))
   try:
     for step in range(start, num_steps):
       batch = sharding.shard_batch(next(iterator), mesh)
       state, metrics = jitted(state, batch, rng, frozen)
       pending.append(metrics)
+      if len(pending) > 1:  # keep one step in flight: honest progress and images/s, no queue build-up
+        jax.block_until_ready(pending[-2])
       done = step + 1
       is_last = done == num_steps
-      if done % log_every == 0 or is_last or done % ckpt_every == 0 or preemption.requested():
+      stop = not is_last and preemption.should_stop(done, agree_every)
+      if done % log_every == 0 or is_last or done % ckpt_every == 0 or stop:
         host = jax.device_get(pending)
         pending = []
         mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -117,9 +123,9 @@ def fit(
         writer.write(done, {**mean, 'images_per_second': ips})
         bar.set_postfix(loss=f'{mean.get("loss", float("nan")):.4f}', img_s=f'{ips:.0f}')
       bar.update(1)
-      if done % ckpt_every == 0 or is_last or preemption.requested():
+      if done % ckpt_every == 0 or is_last or stop:
         ckpt.save(done, state, pipeline.get_iterator_state(iterator), force=is_last)
-        if preemption.requested() and not is_last:
+        if stop:
           ckpt.wait()
           raise preemption.Preempted(f'stage {stage}: preempted, checkpoint saved at step {done}')
   finally:

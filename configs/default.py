@@ -110,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=64,
       shard_size=256,  # masks per atomically written output shard
       save_trajectory=False,
+      clip_x0=placeholder(float),  # None: 1.0 in pixel space (images in [-1, 1]), no clipping for latents
   )
 
   # Segmentation UNet and the paper's Table II strategies (stage `segment`).

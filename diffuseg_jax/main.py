@@ -27,10 +27,18 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv) -> int:
   del argv
-  from diffuseg_jax import distributed, runtime  # after flag parsing: keeps `--help` fast
+  import jax  # after flag parsing: keeps `--help` fast
+
+  from diffuseg_jax import distributed, runtime
+  from diffuseg_jax.errors import UserError
+  from diffuseg_jax.train import preemption
 
   runtime.configure()
-  distributed.maybe_initialize()
+  try:
+    distributed.maybe_initialize()
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   try:
     config = _CONFIG.value
     config.seed  # noqa: B018 - config_flags defers a load failure until first access
@@ -40,18 +48,19 @@ def main(argv) -> int:
     return 2
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[-1])
   from diffuseg_jax import pipeline
-  from diffuseg_jax.errors import NonFiniteLossError, UserError
-  from diffuseg_jax.train.preemption import Preempted
+  from diffuseg_jax.errors import NonFiniteLossError
 
+  preemption.install_handler()  # from here on SIGTERM means "checkpoint and stop" (train/preemption.py)
   try:
-    pipeline.run(config, workdir, show_progress=not _NO_PROGRESS.value)
+    # Progress bars from process 0 only: the others would print the same bars again.
+    pipeline.run(config, workdir, show_progress=not _NO_PROGRESS.value and jax.process_index() == 0)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     return 3
-  except Preempted as e:
+  except preemption.Preempted as e:
     print(f'{e}; rerun the same command to resume', file=sys.stderr)
     return 143
   return 0

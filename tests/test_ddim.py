@@ -77,3 +77,17 @@ def test_sampler_recovers_gaussian_data(eta, num_steps):
   x = np.asarray(run(jax.random.key(1)))
   assert abs(x.mean() - mu) < 0.02, x.mean()
   assert abs(x.std() - s) < 0.015, x.std()
+
+
+def test_clip_x0_clips_and_rederives_eps():
+  """Pixel-space clipping: x0 = clip((x - sqrt(1-a) eps)/sqrt(a)); eps' = (x - sqrt(a) x0)/sqrt(1-a); numpy."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(4, 3, 3, 2)).astype(np.float32)
+  eps = rng.normal(size=x.shape).astype(np.float32)
+  a_t, a_prev = 0.01, 0.3
+  x0 = np.clip((x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t), -1, 1)
+  eps2 = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
+  expected = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps2
+  got = ddim.ddim_step(jnp.asarray(x), jnp.asarray(eps), a_t, a_prev, 0.0, None, clip_x0=1.0)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(ddim.ddim_step(jnp.asarray(x), jnp.asarray(eps), a_t, 1.0, 0.0, None, 1.0))).max() <= 1.0

@@ -1,8 +1,10 @@
 """One DDIM reverse step (Song et al. 2021, eq. 12) as pure functions of the noise prediction.
 
 a_t / a_prev are alphas_cumprod at the current and the next (less noisy) timestep: scalars or arrays that
-broadcast against x_t (a_prev = 1 for the final step to clean data). Nothing is clipped: in a latent space
-x_0 has no fixed range.
+broadcast against x_t (a_prev = 1 for the final step to clean data). `clip_x0` (pixel space, where images
+lie in [-clip, clip]) clips the implied x_0 and re-derives eps from it, as pixel-space DDPM/DDIM samplers do:
+at the noisiest timesteps x_0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) amplifies small eps errors ~100-fold.
+In a latent space x_0 has no fixed range and nothing is clipped (clip_x0 = None).
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ def ddim_sigma(a_t: jax.Array | float, a_prev: jax.Array | float, eta: float) ->
 
 
 def ddim_step(x_t: jax.Array, eps: jax.Array, a_t: jax.Array | float, a_prev: jax.Array | float, eta: float,
-              noise: jax.Array | None) -> jax.Array:
+              noise: jax.Array | None, clip_x0: float | None = None) -> jax.Array:
   """x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise.
 
   `noise` ~ N(0, I) shaped like x_t is added whenever eta > 0 (stochastic DDIM, eta = 1: DDPM ancestral);
   it may be None when eta == 0.
   """
   x0 = predict_x0(x_t, eps, a_t)
+  if clip_x0 is not None:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    eps = (x_t - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
   if eta == 0.0:
     return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
   if noise is None:

@@ -41,7 +41,8 @@ class SamplerSettings:
   num_steps: DDIM steps S; eta: 0 deterministic DDIM .. 1 DDPM-like; guidance_scale: classifier-free guidance
   s (1 = conditional only, 0 = unconditional only); blend_mode: hard | soft | pyramid; blend_until: fraction
   of the steps (from the noisiest) that blend, the rest denoise freely; soft_sigma, pyramid_levels: see
-  `blend.blend`; save_trajectory: also return x after every step; num_timesteps: T of the training schedule.
+  `blend.blend`; save_trajectory: also return x after every step; num_timesteps: T of the training schedule;
+  clip_x0: clip the implied x_0 to [-clip_x0, clip_x0] (pixel space; see `ddim.ddim_step`), None = no clip.
   """
 
   num_steps: int = 50
@@ -53,6 +54,7 @@ class SamplerSettings:
   pyramid_levels: int = 3
   save_trajectory: bool = False
   num_timesteps: int = 1000
+  clip_x0: float | None = None
 
   def __post_init__(self):
     if not 1 <= self.num_steps <= self.num_timesteps:
@@ -75,6 +77,7 @@ class SamplerSettings:
     return cls(num_steps=int(s.num_steps), eta=float(s.eta), guidance_scale=float(s.guidance_scale),
                blend_mode=str(s.blend_mode), blend_until=float(s.blend_until), soft_sigma=float(s.soft_sigma),
                pyramid_levels=int(s.pyramid_levels), save_trajectory=bool(s.save_trajectory),
+               clip_x0=None if s.get('clip_x0') is None else float(s.clip_x0),
                num_timesteps=int(config.diffusion.num_timesteps))
 
 
@@ -105,7 +108,7 @@ def make_step_fn(eps_fn: EpsFn, settings: SamplerSettings) -> StepFn:
     a_t = a_t.astype(x.dtype)
     a_prev = a_prev.astype(x.dtype)
     noise = jax.random.normal(key_ddim, x.shape, x.dtype) if settings.eta > 0 else None
-    x_dom = ddim.ddim_step(x, eps, a_t, a_prev, settings.eta, noise)
+    x_dom = ddim.ddim_step(x, eps, a_t, a_prev, settings.eta, noise, settings.clip_x0)
     if settings.blend_until <= 0.0:
       return x_dom
     noise_seg = jax.random.normal(key_seg, x.shape, x.dtype)

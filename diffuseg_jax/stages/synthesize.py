@@ -19,6 +19,7 @@ synthetic/nnunet/Dataset501_<data.name>/ (imagesTr/, labelsTr/, dataset.json), t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -159,6 +160,8 @@ def run(ctx) -> None:
   settings = SamplerSettings.from_config(ctx.config)
   student = ffd_vae.load(ctx, 'student')
   unet, unet_params, codec = diffusion.load(ctx)
+  if cfg.clip_x0 is None and codec.kind == 'identity':  # pixel space: images lie in [-1, 1]
+    settings = dataclasses.replace(settings, clip_x0=1.0)
   alphas = jnp.asarray(diffusion.schedule(ctx).alphas_cumprod)
   z_dom_all = diffusion.domain_codes(ctx, data.target.images, student)
   refs = reference_indices(len(masks), len(data.target), ctx.config.seed)

@@ -3,7 +3,8 @@
 A stage supplies a pure `step_fn(state, batch, rng, frozen) -> (state, metrics)`; this module compiles it
 once with shardings (state replicated, batch on 'data', `donate_argnums=0`), resumes from the newest
 checkpoint (state + grain iterator position), and stops with `NonFiniteLossError` on a NaN/inf loss without
-ever writing a checkpoint of the bad state.
+ever writing a checkpoint of the bad state. On SIGTERM all processes agree on a step, checkpoint it and raise
+`preemption.Preempted` (train/preemption.py).
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def fit(
   data_seed = config.seed * 1_000_003 + zlib.crc32(stage.encode()) % 1_000_003  # per stage, fixed by config.seed
   iterator = pipeline.train_iterator(arrays, batch_size, seed=data_seed, augment=augment)
   resumed_from = None
-  restored = ckpt.restore(jax.eval_shape(lambda s: s, state))
+  # Restore onto this run's mesh: with no target sharding orbax would fall back to the sharding it saved,
+  # which fails when the device or process count changed since (a resumed job on other hardware).
+  restored = ckpt.restore(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), state))
   if restored is not None:
     state, data_state, resumed_from = restored
     state = jax.device_put(state, sharding.replicated(mesh))

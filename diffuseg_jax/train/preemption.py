@@ -1,31 +1,87 @@
-"""SIGTERM (what schedulers send before killing a job) -> save a checkpoint at the next step and stop."""
+"""SIGTERM (what schedulers send before killing a job) -> every process checkpoints at the same step and stops.
+
+`install_handler()` (called once by the entry point, and again by `fit`) makes SIGTERM set a flag. Inside a
+training loop (`cooperative()`), `should_stop(step)` turns that flag into one decision shared by all
+processes, after which the loop saves and raises `Preempted`. Outside a training loop SIGTERM raises
+`Preempted` at once: every output is written atomically and synthesis keeps its finished shards, so stopping
+anywhere is safe, and the scheduler's grace period is not spent on work that a rerun redoes anyway.
+
+Multi-process agreement: a signal reaches processes at different steps (or only some of them), but an
+orbax save is collective, so all must stop at the same step. Every `every` steps the processes all-gather
+their flags (one tiny collective, a host sync like a log step) and stop if any was asked to. One process
+needs no agreement and checks its flag after every step.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+# Steps between two agreements in multi-process runs: the worst-case delay before a SIGTERM takes effect is
+# this many steps plus one checkpoint save; keep it well inside the scheduler's grace period.
+DEFAULT_AGREE_EVERY = 10
 
 
-class Preempted(Exception):
-  """Raised after the checkpoint of a preempted stage has been written."""
+class Preempted(BaseException):
+  """Raised once the current stage has stopped on SIGTERM (its checkpoint, if it trains, written).
+
+  A BaseException, like KeyboardInterrupt: raised asynchronously by the signal handler, it must not be
+  swallowed by an `except Exception` (e.g. the one that treats a failing restore as a corrupt checkpoint).
+  """
 
 
 _requested = threading.Event()
+_cooperative = threading.local()
+
+
+def _handler(signum, frame) -> None:  # noqa: ARG001
+  _requested.set()
+  if not getattr(_cooperative, 'depth', 0):
+    raise Preempted('stopped by SIGTERM')
 
 
 def install_handler() -> None:
-  if threading.current_thread() is not threading.main_thread():
-    return
-
-  def handler(signum, frame):  # noqa: ARG001
-    _requested.set()
-
-  signal.signal(signal.SIGTERM, handler)
+  """SIGTERM -> `requested()` (+ `Preempted` outside `cooperative()`); idempotent, main thread only."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _handler)
 
 
 def requested() -> bool:
+  """True once this process has received SIGTERM."""
   return _requested.is_set()
 
 
-def clear() -> None:
-  _requested.clear()
+def check(what: str) -> None:
+  """Raises `Preempted` if SIGTERM arrived (for loops with their own safe points, e.g. synthesis shards)."""
+  if requested():
+    raise Preempted(f'{what}: stopped by SIGTERM')
+
+
+@contextlib.contextmanager
+def cooperative() -> Iterator[None]:
+  """Inside: SIGTERM only sets the flag; the loop polls `should_stop` and stops at a step it chooses."""
+  _cooperative.depth = getattr(_cooperative, 'depth', 0) + 1
+  try:
+    yield
+  finally:
+    _cooperative.depth -= 1
+
+
+def should_stop(step: int, every: int = DEFAULT_AGREE_EVERY) -> bool:
+  """Whether to checkpoint and stop after `step`; the same answer on every process.
+
+  Must be called by all processes after every step (collective every `every` steps when multi-process).
+  """
+  if jax.process_count() == 1:
+    return requested()
+  if step % max(1, int(every)):
+    return False
+  from jax.experimental import multihost_utils  # local: only multi-process runs need it
+
+  flags = multihost_utils.process_allgather(np.asarray(requested(), np.int32))
+  return bool(np.any(flags))

@@ -8,6 +8,8 @@ import warnings
 
 import jax
 
+_handler: logging.Handler | None = None
+
 
 def setup(workdir: str) -> None:
   warnings.filterwarnings('ignore', message='.*Flax classes are deprecated.*')
@@ -16,6 +18,7 @@ def setup(workdir: str) -> None:
   absl_logging.get_absl_handler().setLevel(logging.WARNING)  # the terminal gets our prints and warnings only
   if jax.process_index() != 0:
     return
+  global _handler
   try:
     os.makedirs(workdir, exist_ok=True)
     handler = logging.FileHandler(os.path.join(workdir, 'log.txt'))
@@ -23,5 +26,9 @@ def setup(workdir: str) -> None:
     return  # the pipeline reports an unwritable workdir with a clear error
   handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
   root = logging.getLogger()
+  if _handler is not None:  # a second run in the same process logs to its own workdir only
+    root.removeHandler(_handler)
+    _handler.close()
+  _handler = handler
   root.addHandler(handler)
   root.setLevel(logging.INFO)

@@ -213,3 +213,17 @@ def make_iostar(root: pathlib.Path, n: int = 6, hw: tuple[int, int] = (16, 16), 
     Image.fromarray(np.zeros((*hw, 3), np.uint8)).save(root / 'AV_GT' / f'{stem}_AV.png')
     expected[stem] = vessels
   return expected
+
+
+def add_drive_training(root: pathlib.Path, numbers=range(25, 29), hw: tuple[int, int] = (18, 20), seed: int = 5
+                       ) -> dict[str, np.ndarray]:
+  """More DRIVE training cases (the release has 21-40) next to `make_drive`'s, for runs needing >= 8 images."""
+  rng = np.random.default_rng(seed)
+  expected = {}
+  for n in numbers:
+    vessels = vessel_mask(rng, hw)
+    Image.fromarray(_fundus(rng, vessels)).save(root / 'training' / 'images' / f'{n:02d}_training.tif')
+    Image.fromarray(vessels.astype(np.uint8) * 255).save(root / 'training' / '1st_manual' / f'{n:02d}_manual1.gif')
+    Image.fromarray(_fov(hw).astype(np.uint8) * 255).save(root / 'training' / 'mask' / f'{n:02d}_training_mask.gif')
+    expected[f'{n:02d}_training'] = vessels
+  return expected

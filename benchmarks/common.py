@@ -25,6 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def prepare_process() -> None:
+  """Process settings chosen before torch is first imported (each overridable from the environment).
+
+  OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP workers otherwise spin after every parallel region. With XLA's
+  own thread pool in the same process, and on any machine with other load, the spinning threads steal the
+  cores the next op needs: on a busy 2-core machine a small torch UNet step ran ~10x slower with spinning
+  (0.15-0.43 s vs 0.013 s). Set OMP_WAIT_POLICY=ACTIVE to measure torch with spinning.
+  """
+  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+
 def torch_or_none():
   """The torch module, or None when the optional `bench` extra is not installed."""
   try:
@@ -47,15 +58,50 @@ class Timing:
     return statistics.median(rates), min(rates), max(rates)
 
 
-def interleaved(runs: dict[str, Callable[[], Any]], images: int, repeats: int) -> dict[str, Timing]:
-  """Time `repeats` rounds of every callable in turn; each callable must block until its result is ready."""
-  timings = {name: Timing(images) for name in runs}
+@dataclasses.dataclass
+class Measurement:
+  """What `measure` records for one implementation."""
+
+  timing: Timing
+  first_call_s: float  # the warm-up call (includes any compilation done lazily on first call)
+  output: Any  # the warm-up call's result
+  peak_rss: int = 0  # highest process RSS seen during its timed runs (bytes)
+  rss_delta: int = 0  # ... minus the RSS when the run started
+  device_peak: int | None = None  # accelerator peak bytes (torch: per implementation; JAX: process-wide)
+
+  def row(self) -> dict[str, Any]:
+    return {**rate_cell(self.timing), 'first_call_s': self.first_call_s, 'peak_rss_MiB': mib(self.peak_rss),
+            'rss_delta_MiB': mib(self.rss_delta), 'device_peak_MiB': mib(self.device_peak)}
+
+
+def measure(runs: dict[str, Callable[[], Any]], images: int, repeats: int) -> dict[str, Measurement]:
+  """Warm every callable up once, then time `repeats` interleaved rounds (A B C A B C ...).
+
+  Each callable must block until its result is ready. Names starting with 'torch' get torch's CUDA peak
+  memory (reset per run) when on GPU; the others JAX's process-wide device peak.
+  """
+  out = {}
+  for name, fn in runs.items():
+    t0 = time.perf_counter()
+    result = fn()
+    out[name] = Measurement(Timing(images), time.perf_counter() - t0, result)
+  cuda = torch_device() == 'cuda'
   for _ in range(repeats):
     for name, fn in runs.items():
-      t0 = time.perf_counter()
-      fn()
-      timings[name].seconds.append(time.perf_counter() - t0)
-  return timings
+      m = out[name]
+      is_torch = name.startswith('torch')
+      if cuda and is_torch:
+        torch_or_none().cuda.reset_peak_memory_stats()
+      with RssSampler() as rss:
+        t0 = time.perf_counter()
+        fn()
+        m.timing.seconds.append(time.perf_counter() - t0)
+      m.peak_rss, m.rss_delta = max(m.peak_rss, rss.peak), max(m.rss_delta, rss.peak - rss.baseline)
+      if cuda and is_torch:
+        m.device_peak = max(m.device_peak or 0, torch_or_none().cuda.max_memory_allocated())
+      elif not is_torch:
+        m.device_peak = device_peak_bytes()
+  return out
 
 
 def _current_rss_bytes() -> int:
@@ -150,7 +196,8 @@ def _time(fn: Callable[[], Any]) -> float:
 
 def torch_device():
   torch = torch_or_none()
-  return 'cuda' if torch is not None and torch.cuda.is_available() and jax.default_backend() == 'gpu' else 'cpu'
+  on_gpu = torch is not None and torch.cuda.is_available() and jax.default_backend() == 'gpu'
+  return 'cuda' if on_gpu else 'cpu'
 
 
 def torch_sync(out=None):
@@ -183,6 +230,7 @@ def environment() -> dict[str, Any]:
       'jax_device': getattr(dev, 'device_kind', str(dev)),
       'jax_device_count': jax.device_count(),
       'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+      'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY'),
       'torch': getattr(torch, '__version__', None),
       'torch_threads': torch.get_num_threads() if torch is not None else None,
       'diffusers': diffusers_version,
@@ -234,13 +282,28 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
       json.dump(payload, f, indent=1, default=str)
 
 
-def random_params(params, key: jax.Array, scale: float = 0.05):
-  """params + scale * N(0, 1) on every leaf: non-zero biases and zero-initialised kernels, so an equivalence
-  check exercises every weight (an untrained CondUNet's output conv is zero, which would match trivially)."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
-  return jax.tree.unflatten(tree, noisy)
+def host_params(init_fn: Callable[[jax.Array], Any], seed: int = 0):
+  """Random float32 parameters with the tree of `init_fn(key)` (e.g. `lambda k: model.init(k, x)['params']`),
+  drawn on the host with numpy: kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.05^2), everything else
+  (biases, the null condition) N(0, 0.05^2).
+
+  Why not the modules' own init: on XLA CPU, compiling a network's init (one threefry per leaf) took ~40 s
+  on a busy 2-core machine, longer than the benchmark itself; only the tree is traced here. Every leaf is
+  non-zero (an untrained CondUNet's output conv is zero, which would make an equivalence check trivial).
+  """
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    shape = leaf.shape
+    if names[-1] == 'kernel':
+      fan_in = shape[0] if any(n in ('query', 'key', 'value') for n in names) else int(np.prod(shape[:-1]))
+      return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    base = 1.0 if names[-1] == 'scale' else 0.0
+    return (base + 0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(draw(p, x)), abstract)
 
 
 def param_count(params) -> int:

@@ -222,8 +222,10 @@ def run(ctx) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('synthesize: all shards written')
   if not ctx.is_main_process:
+    # Leave together with process 0, once the manifest exists: the next stage reads it.
+    multihost_utils.sync_global_devices('synthesize: manifest merged')
     return
-  missing = [k for k in range(shards) if not synthetic_io.shard_done(root, k)]
+  missing = _missing_shards(root, shards, wait_s=120.0 if jax.process_count() > 1 else 0.0)
   if missing:
     raise RuntimeError(f'synthesize: shards {missing[:5]}... are missing after all processes finished')
   count = synthetic_io.merge_manifest(root, shards)
@@ -250,3 +252,16 @@ def run(ctx) -> None:
                            ctx.path('figures', 'synthesis_examples.png'), data.num_classes,
                            title='blended DDIM: given mask | synthetic with mask contour | target reference')
   print(f'[synthesize] {count} images in {root}', flush=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('synthesize: manifest merged')
+
+
+def _missing_shards(root: str, num: int, wait_s: float) -> list[int]:
+  """Shards without a manifest, after waiting up to `wait_s` for them to appear: a shared filesystem (NFS)
+  may show files that another node has just written only once its attribute cache expires."""
+  deadline = time.monotonic() + wait_s
+  while True:
+    missing = [k for k in range(num) if not synthetic_io.shard_done(root, k)]
+    if not missing or time.monotonic() >= deadline:
+      return missing
+    time.sleep(2.0)

@@ -98,8 +98,9 @@ def fit(
   )
   t_last, n_last, ips = time.perf_counter(), start, None
   preemption.install_handler()
-  # The save is collective, so every process must stop at the same step: `should_stop` is that agreement.
-  agree_every = int(config.checkpoint.get('preemption_check_every', preemption.DEFAULT_AGREE_EVERY))
+  # The save is collective, so every process must stop at the same step: `should_stop` is that agreement
+  # (a tiny collective; at least as often as the log steps, which sync with the host anyway).
+  agree_every = min(log_every, int(config.checkpoint.get('preemption_check_every', preemption.DEFAULT_AGREE_EVERY)))
   try:
     for step in range(start, num_steps):
       batch = sharding.shard_batch(next(iterator), mesh)

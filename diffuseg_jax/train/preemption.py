@@ -36,12 +36,12 @@ class Preempted(BaseException):
 
 
 _requested = threading.Event()
-_cooperative = threading.local()
+_cooperative_depth = [0]  # training loops running now (the handler always runs on the main thread)
 
 
 def _handler(signum, frame) -> None:  # noqa: ARG001
   _requested.set()
-  if not getattr(_cooperative, 'depth', 0):
+  if not _cooperative_depth[0]:
     raise Preempted('stopped by SIGTERM')
 
 
@@ -56,20 +56,14 @@ def requested() -> bool:
   return _requested.is_set()
 
 
-def check(what: str) -> None:
-  """Raises `Preempted` if SIGTERM arrived (for loops with their own safe points, e.g. synthesis shards)."""
-  if requested():
-    raise Preempted(f'{what}: stopped by SIGTERM')
-
-
 @contextlib.contextmanager
 def cooperative() -> Iterator[None]:
   """Inside: SIGTERM only sets the flag; the loop polls `should_stop` and stops at a step it chooses."""
-  _cooperative.depth = getattr(_cooperative, 'depth', 0) + 1
+  _cooperative_depth[0] += 1
   try:
     yield
   finally:
-    _cooperative.depth -= 1
+    _cooperative_depth[0] -= 1
 
 
 def should_stop(step: int, every: int = DEFAULT_AGREE_EVERY) -> bool:

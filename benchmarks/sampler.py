@@ -1,0 +1,407 @@
+"""Blended DDIM sampler throughput: our `lax.scan` sampler vs a Python loop over our jitted step vs PyTorch.
+
+  python -m benchmarks.sampler                       # both configs, batch 1/16/64, 50 steps, 5 timed runs
+  python -m benchmarks.sampler --quick               # tiny model, seconds (what the smoke test runs)
+  python -m benchmarks.sampler --configs=mscmr --batches=16 --repeats=3 --json=/tmp/sampler.json
+
+Configs (each config file's `diffusion` and `sampling` sections, with num_steps forced to --steps):
+  (a) mnist_m  pixel-space diffusion on 32x32x3 images (configs/mnist_m.py);
+  (b) mscmr    32x32x4 latents of 128x128 images, z_dom via cross-attention + FiLM (configs/mscmr.py).
+The autoencoder is not part of the measurement (latents in, latents out), so (b) measures the denoiser loop.
+
+Implementations, timed interleaved in the same process:
+  scan   sampler.blended_ddim_sample under one jax.jit (AOT-compiled; compile time reported apart);
+  loop   sampler.loop_ddim_sample as shipped: a Python loop over its jitted step. It wraps the step in a new
+         jax.jit on every call, so every call traces and compiles the step again (included in its times);
+  loop_cached  the same loop over ONE compiled step (params an argument): the Python-dispatch cost alone;
+  torch  the same network in PyTorch (benchmarks/torch_mirror.py, our weights copied in), stepped by
+         diffusers' DDIMScheduler ('trailing' spacing, our alphas_cumprod) with the same hard blending.
+Before timing, the torch UNet's eps and the whole torch sampler (fed the JAX sampler's noise) are checked
+equal to the JAX ones. GFLOP/s comes from XLA's cost analysis of one compiled step times the number of steps
+(the scan's own cost analysis counts its loop body once, whatever the trip count: column scan_cost_gflop).
+The last printed line is `sampler_vs_torch=... scan_vs_loop=... matmul_frac=...` for config (b), batch 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from diffuseg_jax.config_files import load_sibling
+from diffuseg_jax.models.cond_unet import CondUNet, build_cond_unet
+from diffuseg_jax.sampling import sampler, schedules
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+CONFIGS = ('mnist_m', 'mscmr')
+LABELS = {'mnist_m': '(a) MNIST-M pixel 32x32x3', 'mscmr': '(b) cardiac latent 32x32x4 (128^2 images)'}
+SUMMARY_CASE = ('mscmr', 16)  # the config and batch of the one-line summary
+MNIST_M_CHANNELS = 3  # MNIST-M images are RGB; pixel-space diffusion (autoencoder.kind='identity')
+
+
+def load_config(name: str):
+  """configs/<name>.py's get_config()."""
+  return load_sibling(os.path.join(CONFIG_DIR, 'default.py'), f'{name}.py').get_config()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One sampler configuration: the network, its latent shape [h, w, C] and the sampler settings."""
+
+  name: str
+  model: CondUNet
+  latent: tuple[int, int, int]
+  settings: sampler.SamplerSettings
+  alphas_cumprod: np.ndarray  # float32 [T]
+
+
+def make_case(name: str, steps: int, quick: bool = False) -> Case:
+  """The case of configs/<name>.py; `quick` shrinks the network and latents to a seconds-long smoke size."""
+  cfg = load_config(name)
+  if cfg.autoencoder.kind == 'identity':
+    h = w = int(cfg.data.image_size)
+    c = MNIST_M_CHANNELS
+  else:
+    f = int(cfg.autoencoder.downsample)
+    h = w = int(cfg.data.image_size) // f
+    c = int(cfg.autoencoder.latent_channels)
+  if quick:
+    cfg.diffusion.base_channels = 8
+    cfg.diffusion.channel_mult = (1, 2)
+    cfg.diffusion.attention_levels = (1,)
+    cfg.diffusion.num_heads = 2
+    h = w = 8
+  cfg.sampling.num_steps = steps
+  model = build_cond_unet(cfg.diffusion, channels=c, cond_dim=int(cfg.vae.z_dom_dim))
+  d = cfg.diffusion
+  alphas = schedules.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end).alphas_cumprod
+  return Case(name, model, (h, w, c), sampler.SamplerSettings.from_config(cfg), alphas)
+
+
+def init_params(case: Case, seed: int = 0):
+  """Random weights (common.host_params: every leaf non-zero, the zero-initialised output conv too)."""
+  h, w, c = case.latent
+  return common.host_params(lambda k: case.model.init(
+      k, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, case.model.cond_dim)),
+      jnp.zeros((1,), bool))['params'], seed)
+
+
+def make_inputs(case: Case, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """region latent r(m) [B,h,w,C], binary mask [B,h,w,1] (a centred disc), z_dom [B,D]; float32 numpy."""
+  h, w, c = case.latent
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:h, :w]
+  disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (min(h, w) / 4) ** 2).astype(np.float32)
+  return {'region': rng.standard_normal((batch, h, w, c)).astype(np.float32),
+          'mask': np.broadcast_to(disc[None, :, :, None], (batch, h, w, 1)).copy(),
+          'z_dom': rng.standard_normal((batch, case.model.cond_dim)).astype(np.float32)}
+
+
+def _eps_fn(model: CondUNet, params):
+  return lambda x, t, z, drop: model.apply({'params': params}, x, t, z, drop)
+
+
+def jax_samplers(case: Case):
+  """(scan sampler jitted on (params, key, region, mask, z_dom), loop sampler with the same signature)."""
+  def scan(params, key, region, mask, z_dom):
+    return sampler.blended_ddim_sample(_eps_fn(case.model, params), case.alphas_cumprod, key, region, mask,
+                                       z_dom, case.settings)[0]
+
+  def loop(params, key, region, mask, z_dom):
+    return sampler.loop_ddim_sample(_eps_fn(case.model, params), case.alphas_cumprod, key, region, mask,
+                                    z_dom, case.settings)[0]
+
+  return jax.jit(scan), loop
+
+
+def jitted_step(case: Case):
+  """The sampler step jitted once with params as an argument: step(params, x, key, region, mask, z_dom, t,
+  a_t, a_prev, do_blend) -> x_prev (see sampler.make_step_fn)."""
+  return jax.jit(lambda p, *a: sampler.make_step_fn(_eps_fn(case.model, p), case.settings)(*a))
+
+
+def compile_step(case: Case, params, inputs: dict[str, jax.Array]):
+  """AOT-compiled `jitted_step` for this batch (its cost analysis gives the FLOPs of one step)."""
+  x = inputs['region']
+  scalars = (jnp.int32(0), jnp.float32(0.5), jnp.float32(0.6), jnp.asarray(True))  # t, a_t, a_prev, do_blend
+  return jitted_step(case).lower(params, x, jax.random.key(0), x, inputs['mask'], inputs['z_dom'],
+                                 *scalars).compile()
+
+
+def cached_loop(case: Case, step):
+  """A Python loop over ONE compiled step (params an argument), i.e. `loop_ddim_sample` with its jit hoisted
+  out of the call: same steps, same keys as the scan sampler (see sampler.py's docstring)."""
+  s = case.settings
+  t, t_prev = schedules.ddim_timesteps(len(case.alphas_cumprod), s.num_steps)
+  a_t = schedules.alphas_at(case.alphas_cumprod, t)
+  a_prev = schedules.alphas_at(case.alphas_cumprod, t_prev)
+  blend = np.arange(s.num_steps) < s.blend_until * s.num_steps
+
+  def loop(params, key, region, mask, z_dom):
+    key_init, key_steps = jax.random.split(key)
+    x = jax.random.normal(key_init, region.shape, region.dtype)
+    for i in range(s.num_steps):
+      x = step(params, x, jax.random.fold_in(key_steps, i), region, mask, z_dom, jnp.int32(t[i]), a_t[i],
+               a_prev[i], jnp.asarray(blend[i]))
+    return x
+
+  return loop
+
+
+def jax_noise(case: Case, key: jax.Array, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """(x_T, per-step x_seg noise [S, ...]) that the JAX sampler draws from `key` (see sampler.py's docstring:
+  rng -> (x_T key, step key); step i uses fold_in(step key, i) split into (DDIM key, x_seg key)); used to
+  feed the torch sampler the same noise for the equivalence check."""
+  key_init, key_steps = jax.random.split(key)
+  x_t = jax.random.normal(key_init, shape, jnp.float32)
+  seg = [jax.random.normal(jax.random.split(jax.random.fold_in(key_steps, i))[1], shape, jnp.float32)
+         for i in range(case.settings.num_steps)]
+  return np.asarray(x_t), np.asarray(jnp.stack(seg))
+
+
+# --- PyTorch reference -------------------------------------------------------------------------------------
+
+def torch_reference(case: Case, params):
+  """(torch CondUNet with our weights, diffusers DDIMScheduler matching our schedule and DDIM timesteps)."""
+  import diffusers
+  import torch
+
+  from benchmarks import torch_mirror
+
+  s = case.settings
+  if s.blend_mode != 'hard' or s.guidance_scale != 1.0 or s.eta != 0.0:
+    raise ValueError('the torch reference implements hard blending, guidance_scale=1, eta=0 (the configs)')
+  net = torch_mirror.cond_unet_from_linen(case.model, case.latent[-1])
+  net.load_flax(jax.tree.map(np.asarray, params))
+  if torch_mirror.count_params(net) != common.param_count(params):
+    raise AssertionError('torch mirror and linen CondUNet differ in parameter count')
+  net = net.eval().to(common.torch_device())
+  sched = diffusers.DDIMScheduler(num_train_timesteps=len(case.alphas_cumprod), beta_schedule='linear',
+                                  clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                  timestep_spacing='trailing', prediction_type='epsilon')
+  sched.alphas_cumprod = torch.from_numpy(np.asarray(case.alphas_cumprod, np.float32))  # exactly ours
+  sched.set_timesteps(s.num_steps)
+  ours, _ = schedules.ddim_timesteps(len(case.alphas_cumprod), s.num_steps)
+  if not np.array_equal(sched.timesteps.numpy(), ours):
+    raise AssertionError('diffusers trailing DDIM timesteps differ from schedules.ddim_timesteps')
+  return net, sched
+
+
+def torch_sample(net, sched, settings: sampler.SamplerSettings, region, mask, z_dom, x_t=None,
+                 seg_noise=None):
+  """Blended DDIM in PyTorch (NCHW): diffusers' DDIMScheduler.step, then hard blending with the noised region.
+
+  region [B,C,h,w], mask [B,1,h,w], z_dom [B,D]; x_t / seg_noise [S,B,C,h,w] optional fixed noise.
+  """
+  import torch
+
+  b = region.shape[0]
+  drop = torch.zeros(b, dtype=torch.bool, device=region.device)
+  x = torch.randn_like(region) if x_t is None else x_t
+  t_stride = sched.config.num_train_timesteps // sched.num_inference_steps
+  with torch.inference_mode():
+    for i, t in enumerate(sched.timesteps):
+      eps = net(x, t.to(region.device).expand(b), z_dom, drop)
+      x_dom = sched.step(eps, t, x, eta=settings.eta).prev_sample
+      if i < settings.blend_until * settings.num_steps:
+        t_prev = int(t) - t_stride
+        a_prev = sched.alphas_cumprod[t_prev] if t_prev >= 0 else sched.final_alpha_cumprod
+        a_prev = a_prev.to(region.device)
+        noise = torch.randn_like(x) if seg_noise is None else seg_noise[i]
+        x_seg = a_prev.sqrt() * region + (1.0 - a_prev).sqrt() * noise
+        x = x_dom * (1.0 - mask) + x_seg * mask
+      else:
+        x = x_dom
+  return common.torch_sync(x)
+
+
+def _nchw(a, device):
+  import torch
+
+  a = np.asarray(a, np.float32)
+  return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3) if a.ndim >= 4 else a)).to(device)
+
+
+def check_equivalence(case: Case, params, net, sched, scan_fn, batch: int,
+                      tol: float = 1e-3) -> dict[str, float]:
+  """Max |torch - jax| relative to max |jax|: the UNet's eps (batch 2, one row dropped to the null condition)
+  and the whole sampler at `batch` (scan_fn compiled for it) fed identical noise. AssertionError above tol."""
+  import torch
+
+  dev = common.torch_device()
+  h, w, c = case.latent
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, h, w, c)).astype(np.float32)
+  t = np.array([999, 17], np.int32)
+  z = rng.standard_normal((2, case.model.cond_dim)).astype(np.float32)
+  drop = np.array([False, True])
+  eps_jax = np.asarray(jax.jit(case.model.apply)({'params': params}, x, t, z, drop))
+  with torch.inference_mode():
+    eps_torch = net(_nchw(x, dev), torch.from_numpy(t).to(dev), torch.from_numpy(z).to(dev),
+                    torch.from_numpy(drop).to(dev)).cpu().numpy()
+  errs = {'eps_rel_err': float(np.abs(np.moveaxis(eps_torch, 1, -1) - eps_jax).max() / np.abs(eps_jax).max())}
+
+  inputs = make_inputs(case, batch, seed=2)
+  key = jax.random.key(3)
+  x0_jax = np.asarray(scan_fn(params, key, *(jnp.asarray(inputs[k]) for k in ('region', 'mask', 'z_dom'))))
+  x_t, seg = jax_noise(case, key, x0_jax.shape)
+  x0_torch = torch_sample(net, sched, case.settings, _nchw(inputs['region'], dev), _nchw(inputs['mask'], dev),
+                          torch.from_numpy(inputs['z_dom']).to(dev), _nchw(x_t, dev), _nchw(seg, dev))
+  x0_torch = np.moveaxis(x0_torch.cpu().numpy(), 1, -1)
+  errs['sample_rel_err'] = float(np.abs(x0_torch - x0_jax).max() / np.abs(x0_jax).max())
+  for name, err in errs.items():
+    if not err <= tol:
+      raise AssertionError(f'{case.name}: torch reference differs from ours: {name}={err:.2e} > {tol}')
+  return errs
+
+
+# --- the benchmark -----------------------------------------------------------------------------------------
+
+def bench_case(case: Case, batches: tuple[int, ...], repeats: int, with_torch: bool,
+               ceiling_gflops: float) -> tuple[list[dict[str, Any]], dict[str, float]]:
+  """Rows (one per batch and implementation) and the equivalence errors of one config."""
+  params = init_params(case)
+  reference = torch_reference(case, params) if with_torch else None
+  rows, checks = [], {}
+  for batch in batches:
+    batch_rows, batch_checks = _bench_batch(case, params, reference, batch, repeats, ceiling_gflops,
+                                            check=not checks)
+    rows += batch_rows
+    checks = checks or batch_checks
+  return rows, checks
+
+
+def _bench_batch(case: Case, params, reference, batch: int, repeats: int, ceiling_gflops: float,
+                 check: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
+  scan_jit, loop_fn = jax_samplers(case)
+  host = make_inputs(case, batch)
+  inputs = {k: jnp.asarray(v) for k, v in host.items()}
+  args = (params, jax.random.key(batch), inputs['region'], inputs['mask'], inputs['z_dom'])
+  t0 = time.perf_counter()
+  compiled = scan_jit.lower(*args).compile()
+  compile_s = {'scan': time.perf_counter() - t0}
+  t0 = time.perf_counter()
+  step = compile_step(case, params, inputs)
+  compile_s['loop_cached'] = time.perf_counter() - t0
+  flops, scan_flops = common.xla_flops(step), common.xla_flops(compiled)
+  loop_cached = cached_loop(case, step)
+  runs = {'scan': lambda: compiled(*args).block_until_ready(),
+          'loop': lambda: loop_fn(*args).block_until_ready(),  # new jit per call: traces + compiles each time
+          'loop_cached': lambda: loop_cached(*args).block_until_ready()}
+  checks = {}
+  if reference is not None:
+    net, sched = reference
+    if check:
+      checks = check_equivalence(case, params, net, sched, compiled, batch)
+    import torch
+    dev = common.torch_device()
+    targs = (_nchw(host['region'], dev), _nchw(host['mask'], dev), torch.from_numpy(host['z_dom']).to(dev))
+    runs['torch'] = lambda: torch_sample(net, sched, case.settings, *targs)
+  results = common.measure(runs, batch, repeats)
+  scan_out = results['scan'].output
+  for name in ('loop', 'loop_cached'):  # same keys, same steps: the same samples up to float rounding
+    err = float(jnp.max(jnp.abs(results[name].output - scan_out)) / jnp.max(jnp.abs(scan_out)))
+    if not err <= 1e-4:
+      raise AssertionError(f'{case.name}: {name} sampler differs from the scan sampler: rel err {err:.2e}')
+  rows = []
+  for name, m in results.items():
+    med = m.timing.images_per_second()[0]
+    gflops = flops * case.settings.num_steps / batch * med / 1e9 if flops else None
+    rows.append({'config': case.name, 'batch': batch, 'impl': name, **m.row(),
+                 'compile_s': compile_s.get(name),
+                 'gflop_s': gflops, 'frac_of_matmul': common.ratio(gflops, ceiling_gflops),
+                 'step_gflop': flops / 1e9 if flops else None,
+                 'scan_cost_gflop': scan_flops / 1e9 if (scan_flops and name == 'scan') else None})
+  return rows, checks
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+  """sampler_vs_torch, scan_vs_loop, matmul_frac for SUMMARY_CASE (None where not measured)."""
+  name, batch = SUMMARY_CASE
+  sel = {r['impl']: r for r in rows if r['config'] == name and r['batch'] == batch}
+  if not sel and rows:  # quick / partial runs: fall back to the last measured config and batch
+    last = rows[-1]
+    sel = {r['impl']: r for r in rows if r['config'] == last['config'] and r['batch'] == last['batch']}
+  get = lambda impl, key: sel.get(impl, {}).get(key)
+  return {'sampler_vs_torch': common.ratio(get('scan', 'img_s'), get('torch', 'img_s')),
+          'scan_vs_loop': common.ratio(get('scan', 'img_s'), get('loop', 'img_s')),
+          'matmul_frac': get('scan', 'frac_of_matmul')}
+
+
+COLUMNS = ('config', 'batch', 'impl', 'img_s', 'img_s_range', 'compile_s', 'first_call_s', 'peak_rss_MiB',
+           'rss_delta_MiB', 'device_peak_MiB', 'gflop_s', 'frac_of_matmul')
+
+
+def run(configs: tuple[str, ...], batches: tuple[int, ...], steps: int, repeats: int, quick: bool,
+        with_torch: bool, matmul_n: int) -> dict[str, Any]:
+  """Run the sampler benchmark; returns {'env', 'ceiling', 'rows', 'checks', 'summary'}."""
+  torch = common.torch_or_none() if with_torch else None
+  ceiling = common.matmul_ceiling_gflops(matmul_n)
+  result = {'env': common.environment(), 'rows': [], 'checks': {},
+            'ceiling': {'matmul_n': matmul_n, 'jax_gflop_s': ceiling,
+                        'torch_gflop_s': common.torch_matmul_gflops(matmul_n) if torch else None}}
+  for name in configs:
+    case = make_case(name, steps, quick)
+    rows, checks = bench_case(case, batches, repeats, torch is not None, ceiling)
+    result['rows'] += rows
+    result['checks'][name] = checks
+  result['ceiling']['jax_gflop_s_after'] = common.matmul_ceiling_gflops(matmul_n)  # load drift indicator
+  result['summary'] = summary(result['rows'])
+  return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+  c = result['ceiling']
+  print(f"matmul ceiling ({c['matmul_n']}^2 f32): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
+        f"{c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
+  for name, checks in result['checks'].items():
+    if checks:
+      print(f'{name}: torch reference == ours: ' + ', '.join(f'{k}={v:.1e}' for k, v in checks.items()))
+  print(common.format_table(result['rows'], COLUMNS))
+
+
+def summary_line(values: dict[str, float | None]) -> str:
+  return ' '.join(f'{k}={"n/a" if v is None else f"{v:.3f}"}' for k, v in values.items())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--configs', default=','.join(CONFIGS), help='comma-separated subset of mnist_m,mscmr')
+  p.add_argument('--batches', default='1,16,64')
+  p.add_argument('--steps', type=int, default=50, help='DDIM steps')
+  p.add_argument('--repeats', type=int, default=5, help='timed runs per implementation (after a warm-up)')
+  p.add_argument('--quick', action='store_true', help='tiny network, 8x8 latents, 2 steps, batch 2, 2 runs')
+  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
+  p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 2048 CPU, 8192 GPU)')
+  p.add_argument('--json', default=None, help='also write the results here')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Any]:
+  common.prepare_process()
+  args = parse_args(argv)
+  configs = tuple(c for c in args.configs.split(',') if c)
+  bad = [c for c in configs if c not in CONFIGS]
+  if bad:
+    raise SystemExit(f'error: --configs: unknown {bad}; choose from {list(CONFIGS)}')
+  batches = tuple(int(b) for b in args.batches.split(','))
+  steps, repeats = args.steps, args.repeats
+  matmul_n = args.matmul_n or (8192 if jax.default_backend() == 'gpu' else 2048)
+  if args.quick:
+    batches, steps, repeats, matmul_n = (2,), 2, 2, args.matmul_n or 256
+  result = run(configs, batches, steps, repeats, args.quick, not args.no_torch, matmul_n)
+  print_result(result)
+  common.write_json(args.json, result)
+  print(summary_line(result['summary']), flush=True)
+  return result
+
+
+if __name__ == '__main__':
+  main()

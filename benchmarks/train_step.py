@@ -1,0 +1,375 @@
+"""Training-step throughput of each trained network: ours (the stage's step function, jitted) vs PyTorch.
+
+  python -m benchmarks.train_step                    # both configs, batch 16/64, 5 timed runs of 3 steps
+  python -m benchmarks.train_step --quick            # tiny networks, seconds (what the smoke test runs)
+  python -m benchmarks.train_step --configs=mscmr --batches=16 --networks=diffusion
+
+Networks (sizes from configs/mnist_m.py and configs/mscmr.py):
+  teacher    FFD-VAE teacher step (stages/ffd_vae.teacher_step): CE + Dice + L2 reconstruction + beta KL;
+  diffusion  eps-prediction UNet step (stages/diffusion.diffusion_step) on the config's latents + z_dom;
+  segment    segmentation UNet step (stages/segment.seg_step): CE + Dice.
+Ours: the stage's step function under jax.jit with the state donated, TrainState (AdamW from
+train/state.make_optimizer: global-norm clipping, warm-up/cosine schedule, weight decay) and EMA, exactly what
+the training loop compiles (single device). PyTorch: the same architecture (benchmarks/torch_mirror.py) with
+our initial weights copied in, torch.optim.AdamW (same betas/eps/weight decay), clip_grad_norm_ and an EMA
+update (constant learning rate: a schedule costs nothing measurable). Before timing, the loss and the
+gradient norm of both are checked equal on one batch (posterior means instead of samples for the FFD-VAE).
+The last printed line is `train_vs_torch=...`: the geometric mean over the networks of ours/torch images/s
+for config (b) mscmr, batch 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import common
+from benchmarks.sampler import init_params, load_config, make_case, summary_line
+from diffuseg_jax import losses
+from diffuseg_jax.models.ffd_vae import build_ffd_vae
+from diffuseg_jax.models.seg_unet import build_seg_unet
+from diffuseg_jax.sampling import schedules
+from diffuseg_jax.stages import diffusion as diffusion_stage
+from diffuseg_jax.stages import ffd_vae as ffd_vae_stage
+from diffuseg_jax.stages import segment as segment_stage
+from diffuseg_jax.train.state import TrainState, make_optimizer
+
+CONFIGS = ('mnist_m', 'mscmr')
+NETWORKS = ('teacher', 'diffusion', 'segment')
+SUMMARY_CASE = ('mscmr', 16)
+DATA = {'mnist_m': {'channels': 3, 'num_classes': 2}, 'mscmr': {'channels': 1, 'num_classes': 4}}
+
+
+@dataclasses.dataclass
+class Net:
+  """One network of one config: linen module, initial params, the stage step (unjitted), hyper-parameters."""
+
+  name: str
+  model: Any
+  params: Any
+  step_fn: Callable  # (state, batch, rng, frozen) -> (state, metrics)
+  learning_rate: float
+  image: tuple[int, int, int]  # [H, W, C] of the network input (latent shape for diffusion)
+  num_classes: int
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def make_net(config: str, network: str, quick: bool = False) -> Net:
+  cfg = load_config(config)
+  data = DATA[config]
+  size = 16 if quick else int(cfg.data.image_size)
+  c, k = data['channels'], data['num_classes']
+  if network == 'teacher':
+    if quick:
+      cfg.vae.base_channels = 8
+    model = build_ffd_vae(cfg.vae, num_classes=k, channels=c)
+    params = common.host_params(
+        lambda k: model.init({'params': k, 'latent': k}, jnp.zeros((1, size, size, c)))['params'])
+    step = functools.partial(ffd_vae_stage.teacher_step, model, cfg.vae, k)
+    return Net(network, model, params, step, float(cfg.vae.learning_rate), (size, size, c), k,
+               {'beta': float(cfg.vae.beta), 'seg_weight': float(cfg.vae.seg_weight)})
+  if network == 'diffusion':
+    case = make_case(config, steps=1, quick=quick)
+    h, w, lc = case.latent
+    params = init_params(case)
+    alphas = jnp.asarray(case.alphas_cumprod)
+    dropout = float(cfg.diffusion.cond_dropout)
+    step = functools.partial(diffusion_stage.diffusion_step, case.model, dropout, alphas)
+    return Net(network, case.model, params, step, float(cfg.diffusion.learning_rate), case.latent, k,
+               {'alphas_cumprod': case.alphas_cumprod, 'cond_dropout': dropout})
+  if network == 'segment':
+    if quick:
+      cfg.segmentation.base_channels = 4
+      cfg.segmentation.levels = 2
+    model = build_seg_unet(cfg.segmentation, k)
+    params = common.host_params(lambda k: model.init(k, jnp.zeros((1, size, size, c)))['params'])
+    step = functools.partial(segment_stage.seg_step, model, k)
+    return Net(network, model, params, step, float(cfg.segmentation.learning_rate), (size, size, c), k)
+  raise ValueError(f'unknown network {network!r}; choose from {NETWORKS}')
+
+
+def make_batch(net: Net, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  h, w, c = net.image
+  if net.name == 'diffusion':
+    return {'latent': rng.standard_normal((batch, h, w, c)).astype(np.float32),
+            'z_dom': rng.standard_normal((batch, net.model.cond_dim)).astype(np.float32)}
+  return {'image': rng.uniform(-1, 1, (batch, h, w, c)).astype(np.float32),
+          'label': rng.integers(0, net.num_classes, (batch, h, w)).astype(np.int32)}
+
+
+# --- ours --------------------------------------------------------------------------------------------------
+
+def jax_train(net: Net, train_config, steps: int):
+  """(state, jitted step with the state donated), as train/loop.fit compiles it on one device."""
+  tx = make_optimizer(net.learning_rate, steps, train_config)
+  state = jax.device_put(TrainState.create(net.params, tx, float(train_config.ema_decay)))
+  return state, jax.jit(net.step_fn, donate_argnums=0)
+
+
+def jax_loss(net: Net, params, batch: dict[str, jax.Array], fixed: dict[str, jax.Array]) -> jax.Array:
+  """The step's loss with its randomness fixed (t, noise, drop from `fixed`; FFD-VAE posterior means)."""
+  if net.name == 'teacher':
+    out = net.model.apply({'params': params}, batch['image'], sample=False)
+    return losses.teacher_loss(out, batch['image'], batch['label'], num_classes=net.num_classes,
+                               beta=net.extra['beta'], seg_weight=net.extra['seg_weight'])[0]
+  if net.name == 'diffusion':
+    x_t = schedules.q_sample(batch['latent'], fixed['t'], fixed['noise'], net.extra['alphas_cumprod'])
+    eps = net.model.apply({'params': params}, x_t, fixed['t'], batch['z_dom'], fixed['drop'])
+    return losses.diffusion_loss(fixed['noise'], eps)
+  logits = net.model.apply({'params': params}, batch['image'])
+  return losses.cross_entropy(logits, batch['label']) + losses.soft_dice_loss(
+      jax.nn.softmax(logits), jax.nn.one_hot(batch['label'], net.num_classes))
+
+
+# --- PyTorch -----------------------------------------------------------------------------------------------
+
+class TorchTrainer:
+  """The PyTorch counterpart of one step: forward, loss, backward, clip, AdamW, EMA."""
+
+  def __init__(self, net: Net, train_config):
+    import torch
+
+    from benchmarks import torch_mirror
+
+    self.torch, self.net = torch, net
+    self.device = common.torch_device()
+    h, w, c = net.image
+    if net.name == 'teacher':
+      module = torch_mirror.ffd_vae_from_linen(net.model)
+    elif net.name == 'diffusion':
+      module = torch_mirror.cond_unet_from_linen(net.model, c)
+      self.alphas = torch.from_numpy(np.asarray(net.extra['alphas_cumprod'], np.float32)).to(self.device)
+    else:
+      module = torch_mirror.seg_unet_from_linen(net.model, c)
+    module.load_flax(jax.tree.map(np.asarray, net.params))
+    if torch_mirror.count_params(module) != common.param_count(net.params):
+      raise AssertionError(f'{net.name}: torch mirror and linen module differ in parameter count')
+    self.module = module.to(self.device).train()
+    self.mirror = torch_mirror
+    self.params = [p for p in module.parameters()]
+    self.ema = [p.detach().clone() for p in self.params]
+    self.ema_decay = float(train_config.ema_decay)
+    self.grad_clip = float(train_config.grad_clip or 0.0)
+    self.opt = torch.optim.AdamW(self.params, lr=net.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=float(train_config.weight_decay))
+    self.num_steps = 0
+
+  def to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    t = self.torch
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      if v.ndim == 4:
+        v = np.ascontiguousarray(np.moveaxis(v, -1, 1))
+      out[k] = t.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v).to(self.device)
+    return out
+
+  def loss(self, batch: dict[str, Any], fixed: dict[str, Any] | None = None):
+    """The step's loss; `fixed` (t, noise, drop) and posterior means make it deterministic for the check."""
+    t, m = self.torch, self.mirror
+    if self.net.name == 'teacher':
+      out = self.module(batch['image'], sample=fixed is None)
+      return m.teacher_loss(out, batch['image'], batch['label'], self.net.extra['beta'],
+                            self.net.extra['seg_weight'])
+    if self.net.name == 'diffusion':
+      x0 = batch['latent']
+      b = x0.shape[0]
+      if fixed is None:
+        fixed = {'t': t.randint(0, len(self.alphas), (b,), device=self.device), 'noise': t.randn_like(x0),
+                 'drop': t.rand(b, device=self.device) < self.net.extra['cond_dropout']}
+      a = self.alphas[fixed['t']][:, None, None, None]
+      x_t = a.sqrt() * x0 + (1 - a).sqrt() * fixed['noise']
+      eps = self.module(x_t, fixed['t'], batch['z_dom'], fixed['drop'])
+      return (fixed['noise'] - eps).square().mean()
+    return m.ce_dice(self.module(batch['image']), batch['label'])
+
+  def step(self, batch: dict[str, Any]) -> float:
+    t = self.torch
+    self.opt.zero_grad(set_to_none=True)
+    loss = self.loss(batch)
+    loss.backward()
+    if self.grad_clip:
+      t.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+    self.opt.step()
+    with t.no_grad():
+      decay = min(self.ema_decay, (1.0 + self.num_steps) / (10.0 + self.num_steps))
+      t._foreach_lerp_(self.ema, self.params, 1.0 - decay)
+    self.num_steps += 1
+    return common.torch_sync(loss)
+
+
+def check_equivalence(net: Net, trainer: TorchTrainer, batch: dict[str, np.ndarray],
+                      tol: float = 1e-3) -> dict[str, float]:
+  """Relative |torch - jax| of the loss and of the global gradient norm on one batch; AssertionError > tol."""
+  torch = trainer.torch
+  b = next(iter(batch.values())).shape[0]
+  rng = np.random.default_rng(5)
+  fixed = {}
+  if net.name == 'diffusion':
+    fixed = {'t': rng.integers(0, len(net.extra['alphas_cumprod']), b).astype(np.int32),
+             'noise': rng.standard_normal(batch['latent'].shape).astype(np.float32),
+             'drop': rng.random(b) < 0.5}
+  loss, grads = jax.jit(jax.value_and_grad(lambda p, b, f: jax_loss(net, p, b, f)))(net.params, batch, fixed)
+  tb = trainer.to_torch(batch)
+  tfixed = trainer.to_torch(fixed) if fixed else None
+  if tfixed:
+    tfixed['drop'] = torch.from_numpy(fixed['drop']).to(trainer.device)
+  trainer.module.zero_grad(set_to_none=True)
+  tloss = trainer.loss(tb, fixed=tfixed if fixed else {})
+  tloss.backward()
+  tnorm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainer.params if p.grad is not None))
+  trainer.module.zero_grad(set_to_none=True)
+  jnorm = float(optax.tree.norm(grads))
+  errs = {'loss_rel_err': abs(float(tloss.detach()) - float(loss)) / abs(float(loss)),
+          'grad_norm_rel_err': abs(float(tnorm) - jnorm) / jnorm}
+  for name, err in errs.items():
+    if not err <= tol:
+      raise AssertionError(f'{net.name}: torch step differs from ours: {name}={err:.2e} > {tol}')
+  return errs
+
+
+# --- the benchmark -----------------------------------------------------------------------------------------
+
+def bench_net(config: str, network: str, batches: tuple[int, ...], repeats: int, steps_per_run: int,
+              quick: bool, with_torch: bool, ceiling_gflops: float) -> tuple[list[dict[str, Any]], dict]:
+  """Rows (one per batch and implementation) and the equivalence errors of one network."""
+  train_config = load_config(config).train
+  net = make_net(config, network, quick)
+  trainer = TorchTrainer(net, train_config) if with_torch else None
+  checks = check_equivalence(net, trainer, make_batch(net, 2, seed=7)) if with_torch else {}
+  rows = []
+  for batch_size in batches:
+    rows += _bench_batch(config, net, trainer, train_config, batch_size, repeats, steps_per_run,
+                         ceiling_gflops)
+  return rows, checks
+
+
+def _bench_batch(config: str, net: Net, trainer: TorchTrainer | None, train_config, batch_size: int,
+                 repeats: int, steps_per_run: int, ceiling_gflops: float) -> list[dict[str, Any]]:
+  host = make_batch(net, batch_size)
+  batch = {k: jnp.asarray(v) for k, v in host.items()}
+  state, step = jax_train(net, train_config, steps=10_000)
+  rng = jax.random.key(0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch, rng, None).compile()
+  compile_s = time.perf_counter() - t0
+  flops = common.xla_flops(compiled)
+  holder = {'state': state}
+
+  def run_jax():
+    for _ in range(steps_per_run):
+      holder['state'], metrics = compiled(holder['state'], batch, rng, None)
+    jax.block_until_ready((holder['state'], metrics))
+
+  runs = {'ours': run_jax}
+  if trainer is not None:
+    tbatch = trainer.to_torch(host)
+
+    def run_torch():
+      for _ in range(steps_per_run):
+        trainer.step(tbatch)
+
+    runs['torch'] = run_torch
+  rows = []
+  for name, m in common.measure(runs, batch_size * steps_per_run, repeats).items():
+    med = m.timing.images_per_second()[0]
+    gflops = flops / batch_size * med / 1e9 if flops else None
+    rows.append({'config': config, 'network': net.name, 'batch': batch_size, 'impl': name, **m.row(),
+                 'compile_s': compile_s if name == 'ours' else None, 'gflop_s': gflops,
+                 'frac_of_matmul': common.ratio(gflops, ceiling_gflops),
+                 'step_gflop': flops / 1e9 if flops else None})
+  return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+  """train_vs_torch: geometric mean over networks of ours/torch images/s at SUMMARY_CASE."""
+  config, batch = SUMMARY_CASE
+  pick = [r for r in rows if r['config'] == config and r['batch'] == batch]
+  if not pick and rows:
+    pick = [r for r in rows if r['config'] == rows[-1]['config'] and r['batch'] == rows[-1]['batch']]
+  rates = {}
+  for r in pick:
+    rates.setdefault(r['network'], {})[r['impl']] = r['img_s']
+  ratios = [common.ratio(v.get('ours'), v.get('torch')) for v in rates.values()]
+  ratios = [x for x in ratios if x]
+  return {'train_vs_torch': math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None}
+
+
+COLUMNS = ('config', 'network', 'batch', 'impl', 'img_s', 'img_s_range', 'compile_s', 'first_call_s',
+           'peak_rss_MiB', 'rss_delta_MiB', 'device_peak_MiB', 'gflop_s', 'frac_of_matmul')
+
+
+def run(configs, networks, batches, repeats, steps_per_run, quick, with_torch, matmul_n) -> dict[str, Any]:
+  torch = common.torch_or_none() if with_torch else None
+  ceiling = common.matmul_ceiling_gflops(matmul_n)
+  result = {'env': common.environment(), 'rows': [], 'checks': {},
+            'ceiling': {'matmul_n': matmul_n, 'jax_gflop_s': ceiling,
+                        'torch_gflop_s': common.torch_matmul_gflops(matmul_n) if torch else None}}
+  for config in configs:
+    for network in networks:
+      rows, checks = bench_net(config, network, batches, repeats, steps_per_run, quick, torch is not None,
+                               ceiling)
+      result['rows'] += rows
+      result['checks'][f'{config}/{network}'] = checks
+  result['ceiling']['jax_gflop_s_after'] = common.matmul_ceiling_gflops(matmul_n)
+  result['summary'] = summary(result['rows'])
+  return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+  c = result['ceiling']
+  print(f"matmul ceiling ({c['matmul_n']}^2 f32): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
+        f"{c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
+  for name, checks in result['checks'].items():
+    if checks:
+      print(f'{name}: torch step == ours: ' + ', '.join(f'{k}={v:.1e}' for k, v in checks.items()))
+  print(common.format_table(result['rows'], COLUMNS))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--configs', default=','.join(CONFIGS))
+  p.add_argument('--networks', default=','.join(NETWORKS))
+  p.add_argument('--batches', default='16,64')
+  p.add_argument('--repeats', type=int, default=5, help='timed runs per implementation (after a warm-up)')
+  p.add_argument('--steps-per-run', type=int, default=3, help='training steps per timed run')
+  p.add_argument('--quick', action='store_true', help='tiny networks at 16x16, batch 2, 2 runs of 1 step')
+  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
+  p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 2048 CPU, 8192 GPU)')
+  p.add_argument('--json', default=None, help='also write the results here')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Any]:
+  common.prepare_process()
+  args = parse_args(argv)
+  configs = tuple(c for c in args.configs.split(',') if c)
+  networks = tuple(n for n in args.networks.split(',') if n)
+  bad = [c for c in configs if c not in CONFIGS] + [n for n in networks if n not in NETWORKS]
+  if bad:
+    raise SystemExit(f'error: unknown {bad}; configs: {list(CONFIGS)}, networks: {list(NETWORKS)}')
+  batches = tuple(int(b) for b in args.batches.split(','))
+  repeats, steps_per_run = args.repeats, args.steps_per_run
+  matmul_n = args.matmul_n or (8192 if jax.default_backend() == 'gpu' else 2048)
+  if args.quick:
+    batches, repeats, steps_per_run, matmul_n = (2,), 2, 1, args.matmul_n or 256
+  result = run(configs, networks, batches, repeats, steps_per_run, args.quick, not args.no_torch, matmul_n)
+  print_result(result)
+  common.write_json(args.json, result)
+  print(summary_line(result['summary']), flush=True)
+  return result
+
+
+if __name__ == '__main__':
+  main()

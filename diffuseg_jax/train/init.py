@@ -48,9 +48,13 @@ def restore_final_state(directory: str, abstract: TrainState, mesh: Mesh, what: 
   """The newest checkpoint of a finished stage, replicated on `mesh`; a clear error if there is none."""
   from diffuseg_jax.errors import UserError
 
+  # Restore onto this run's mesh: without target shardings orbax falls back to the saved ones, which fail
+  # ("topology mismatch") when the checkpoint was written with another device or process count.
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+                        abstract)
   ckpt = StageCheckpointer(directory)
   try:
-    restored = ckpt.restore(abstract)
+    restored = ckpt.restore(target)
   finally:
     ckpt.close()
   if restored is None:

@@ -1,8 +1,9 @@
 """MNIST -> MNIST-M-style (embedded data, no download): the default end-to-end DiffuSeg run.
 
-  python -m diffuseg_jax.main --config=configs/mnist_m.py --workdir=runs/mnist_m        # full, ~25 min, 2 CPU cores
-  python -m diffuseg_jax.main --config=configs/mnist_m.py:quick --workdir=runs/mnist_m_quick  # same pipeline, < 5 min
+  python -m diffuseg_jax.main --config=configs/mnist_m.py --workdir=runs/mnist_m  # full
+  python -m diffuseg_jax.main --config=configs/mnist_m.py:quick --workdir=runs/mnist_m_quick  # quick
 
+The full run took about 45 min on a busy 2-core CPU; quick is the same pipeline with fewer steps.
 Pixel-space diffusion (autoencoder.kind='identity') on 32x32x3 images: at this size a latent autoencoder
 would only lose detail. Networks are sized so that the whole pipeline trains on a laptop CPU; on a GPU raise
 the step counts (e.g. --config.diffusion.steps=20000) for better images.

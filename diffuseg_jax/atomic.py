@@ -21,6 +21,9 @@ def atomic_path(path: str) -> Iterator[str]:
   base = os.path.basename(path)
   fd, tmp = tempfile.mkstemp(prefix=f'.{base}.tmp-', dir=folder, suffix=_suffix(base))
   os.close(fd)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
   try:
     yield tmp
     with open(tmp, 'rb') as f:

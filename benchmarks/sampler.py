@@ -11,9 +11,8 @@ The autoencoder is not part of the measurement (latents in, latents out), so (b)
 
 Implementations, timed interleaved in the same process:
   scan   sampler.blended_ddim_sample under one jax.jit (AOT-compiled; compile time reported apart);
-  loop   sampler.loop_ddim_sample as shipped: a Python loop over its jitted step. It wraps the step in a new
-         jax.jit on every call, so every call traces and compiles the step again (included in its times);
-  loop_cached  the same loop over ONE compiled step (params an argument): the Python-dispatch cost alone;
+  loop   sampler.LoopSampler: a Python loop over ONE jitted step (params an argument, compiled once), i.e. the
+         same steps and keys with a host round trip per step;
   torch  the same network in PyTorch (benchmarks/torch_mirror.py, our weights copied in), stepped by
          diffusers' DDIMScheduler ('trailing' spacing, our alphas_cumprod) with the same hard blending.
 Before timing, the torch UNet's eps and the whole torch sampler (fed the JAX sampler's noise) are checked
@@ -108,51 +107,24 @@ def _eps_fn(model: CondUNet, params):
   return lambda x, t, z, drop: model.apply({'params': params}, x, t, z, drop)
 
 
+def _apply_eps(model: CondUNet):
+  return lambda params, x, t, z, drop: model.apply({'params': params}, x, t, z, drop)
+
+
 def jax_samplers(case: Case):
-  """(scan sampler jitted on (params, key, region, mask, z_dom), loop sampler with the same signature)."""
+  """(scan sampler jitted on (params, key, region, mask, z_dom), `sampler.LoopSampler` for this case)."""
   def scan(params, key, region, mask, z_dom):
     return sampler.blended_ddim_sample(_eps_fn(case.model, params), case.alphas_cumprod, key, region, mask,
                                        z_dom, case.settings)[0]
 
-  def loop(params, key, region, mask, z_dom):
-    return sampler.loop_ddim_sample(_eps_fn(case.model, params), case.alphas_cumprod, key, region, mask,
-                                    z_dom, case.settings)[0]
-
-  return jax.jit(scan), loop
+  return jax.jit(scan), sampler.LoopSampler(_apply_eps(case.model), case.settings)
 
 
-def jitted_step(case: Case):
-  """The sampler step jitted once with params as an argument: step(params, x, key, region, mask, z_dom, t,
-  a_t, a_prev, do_blend) -> x_prev (see sampler.make_step_fn)."""
-  return jax.jit(lambda p, *a: sampler.make_step_fn(_eps_fn(case.model, p), case.settings)(*a))
-
-
-def compile_step(case: Case, params, inputs: dict[str, jax.Array]):
-  """AOT-compiled `jitted_step` for this batch (its cost analysis gives the FLOPs of one step)."""
+def compile_step(loop: sampler.LoopSampler, params, inputs: dict[str, jax.Array]):
+  """The loop sampler's step AOT-compiled for this batch (its cost analysis gives the FLOPs of one step)."""
   x = inputs['region']
   scalars = (jnp.int32(0), jnp.float32(0.5), jnp.float32(0.6), jnp.asarray(True))  # t, a_t, a_prev, do_blend
-  return jitted_step(case).lower(params, x, jax.random.key(0), x, inputs['mask'], inputs['z_dom'],
-                                 *scalars).compile()
-
-
-def cached_loop(case: Case, step):
-  """A Python loop over ONE compiled step (params an argument), i.e. `loop_ddim_sample` with its jit hoisted
-  out of the call: same steps, same keys as the scan sampler (see sampler.py's docstring)."""
-  s = case.settings
-  t, t_prev = schedules.ddim_timesteps(len(case.alphas_cumprod), s.num_steps)
-  a_t = schedules.alphas_at(case.alphas_cumprod, t)
-  a_prev = schedules.alphas_at(case.alphas_cumprod, t_prev)
-  blend = np.arange(s.num_steps) < s.blend_until * s.num_steps
-
-  def loop(params, key, region, mask, z_dom):
-    key_init, key_steps = jax.random.split(key)
-    x = jax.random.normal(key_init, region.shape, region.dtype)
-    for i in range(s.num_steps):
-      x = step(params, x, jax.random.fold_in(key_steps, i), region, mask, z_dom, jnp.int32(t[i]), a_t[i],
-               a_prev[i], jnp.asarray(blend[i]))
-    return x
-
-  return loop
+  return loop.step.lower(params, x, jax.random.key(0), x, inputs['mask'], inputs['z_dom'], *scalars).compile()
 
 
 def jax_noise(case: Case, key: jax.Array, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +252,7 @@ def bench_case(case: Case, batches: tuple[int, ...], repeats: int, with_torch: b
 
 def _bench_batch(case: Case, params, reference, batch: int, repeats: int, ceiling_gflops: float,
                  check: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
-  scan_jit, loop_fn = jax_samplers(case)
+  scan_jit, loop = jax_samplers(case)
   host = make_inputs(case, batch)
   inputs = {k: jnp.asarray(v) for k, v in host.items()}
   args = (params, jax.random.key(batch), inputs['region'], inputs['mask'], inputs['z_dom'])
@@ -288,13 +260,11 @@ def _bench_batch(case: Case, params, reference, batch: int, repeats: int, ceilin
   compiled = scan_jit.lower(*args).compile()
   compile_s = {'scan': time.perf_counter() - t0}
   t0 = time.perf_counter()
-  step = compile_step(case, params, inputs)
-  compile_s['loop_cached'] = time.perf_counter() - t0
+  step = compile_step(loop, params, inputs)
+  compile_s['loop'] = time.perf_counter() - t0
   flops, scan_flops = common.xla_flops(step), common.xla_flops(compiled)
-  loop_cached = cached_loop(case, step)
   runs = {'scan': lambda: compiled(*args).block_until_ready(),
-          'loop': lambda: loop_fn(*args).block_until_ready(),  # new jit per call: traces + compiles each time
-          'loop_cached': lambda: loop_cached(*args).block_until_ready()}
+          'loop': lambda: loop(params, case.alphas_cumprod, *args[1:])[0].block_until_ready()}
   checks = {}
   if reference is not None:
     net, sched = reference
@@ -306,7 +276,7 @@ def _bench_batch(case: Case, params, reference, batch: int, repeats: int, ceilin
     runs['torch'] = lambda: torch_sample(net, sched, case.settings, *targs)
   results = common.measure(runs, batch, repeats)
   scan_out = results['scan'].output
-  for name in ('loop', 'loop_cached'):  # same keys, same steps: the same samples up to float rounding
+  for name in ('loop',):  # same keys, same steps: the same samples up to float rounding
     err = float(jnp.max(jnp.abs(results[name].output - scan_out)) / jnp.max(jnp.abs(scan_out)))
     if not err <= 1e-4:
       raise AssertionError(f'{case.name}: {name} sampler differs from the scan sampler: rel err {err:.2e}')

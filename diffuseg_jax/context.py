@@ -33,6 +33,9 @@ class Context:
   workdir: str
   mesh: Mesh
   show_progress: bool = True
+  # Finished stages' restored states, so that later stages of one run restore each checkpoint once
+  # (see train.init.restore_final_ema_params; keyed by checkpoint folder and its newest step).
+  restored: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def is_main_process(self) -> bool:

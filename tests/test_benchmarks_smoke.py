@@ -30,7 +30,7 @@ def test_sampler_harness_runs(capsys):
   result = sampler.main(['--quick', '--configs=mscmr', '--batches=1', '--steps=1', '--repeats=1',
                          '--matmul-n=64'] + ([] if _has_torch() else ['--no-torch']))
   impls = {r['impl'] for r in result['rows']}
-  assert impls == ({'scan', 'loop', 'loop_cached'} | ({'torch'} if _has_torch() else set()))
+  assert impls == ({'scan', 'loop'} | ({'torch'} if _has_torch() else set()))
   assert all(r['img_s'] > 0 for r in result['rows'])
   scan = next(r for r in result['rows'] if r['impl'] == 'scan')
   assert scan['step_gflop'] > 0 and 0 < scan['frac_of_matmul']

@@ -75,6 +75,19 @@ def test_scan_equals_loop(settings):
     np.testing.assert_allclose(traj_scan, traj_loop, atol=1e-5)
 
 
+def test_loop_sampler_compiles_its_step_once_for_any_params():
+  """LoopSampler takes the denoiser's params as an argument: new params reuse the compiled step."""
+  def apply_eps(scale, x, t, z_dom, drop_cond):
+    return scale * eps_fn(x, t, z_dom, drop_cond)
+
+  loop = sampler.LoopSampler(apply_eps, BASE)
+  for scale in (1.0, 0.5):
+    x_loop, _ = loop(jnp.float32(scale), ALPHAS, jax.random.key(3), *_inputs())
+    x_scan, _ = _sample(BASE, rng=3, fn=functools.partial(apply_eps, scale))
+    np.testing.assert_allclose(x_loop, x_scan, atol=1e-5)
+  assert loop.step._cache_size() == 1  # noqa: SLF001 - one compiled step for both parameter values
+
+
 def test_keys_determine_the_result():
   a, _ = _sample(STOCH, rng=1)
   b, _ = _sample(STOCH, rng=1)

@@ -7,10 +7,10 @@ Per DDIM step i (timestep t -> t_prev, alphas a_t -> a_prev; see `schedules.ddim
   x_prev = blend(x_dom, x_seg, m)  if i < blend_until * num_steps  else  x_dom
 With hard blending and blend_until = 1 the last step has a_prev = 1, so the region m = 1 of x_0 *is* r(m).
 
-`blended_ddim_sample` runs the steps as one `jax.lax.scan`; `loop_ddim_sample` runs the same jitted step in a
-Python loop with the same keys (tests, benchmarks, debugging). Both call the step made by `make_step_fn`, so
-they cannot diverge. Randomness: rng -> (x_T key, step key); step i uses fold_in(step key, i), split into the
-DDIM noise key and the x_seg noise key.
+`blended_ddim_sample` runs the steps as one `jax.lax.scan`; `LoopSampler` (and `loop_ddim_sample`) run the
+same jitted step in a Python loop with the same keys (tests, benchmarks, debugging). All call the step made by
+`make_step_fn`, so they cannot diverge. Randomness: rng -> (x_T key, step key); step i uses
+fold_in(step key, i), split into the DDIM noise key and the x_seg noise key.
 
 eps_fn(x_t [N, h, w, C], t int32 [N], z_dom [N, D], drop_cond bool [N]) -> eps [N, h, w, C]; drop_cond = True
 asks for the unconditional prediction (the null condition used in training with condition dropout).
@@ -19,6 +19,7 @@ asks for the unconditional prediction (the null condition used in training with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -163,17 +164,40 @@ def blended_ddim_sample(eps_fn: EpsFn, alphas_cumprod: jax.Array | np.ndarray, r
   return x0, trajectory
 
 
+class LoopSampler:
+  """`blended_ddim_sample` as a Python loop over ONE jitted step (same keys, same result); not jittable.
+
+  apply_eps(params, x_t, t, z_dom, drop_cond) -> eps is the denoiser with its parameters as the first
+  argument, so the step compiles once per input shape and is reused across calls and parameter values.
+  `step(params, x, key, region_latent, mask, z_dom, t, a_t, a_prev, do_blend)` is that jitted step.
+  """
+
+  def __init__(self, apply_eps: Callable[..., jax.Array], settings: SamplerSettings):
+    self.settings = settings
+    self.step = jax.jit(lambda params, *args: make_step_fn(functools.partial(apply_eps, params), settings)(*args))
+
+  def __call__(self, params: Any, alphas_cumprod: jax.Array | np.ndarray, rng: jax.Array,
+               region_latent: jax.Array, mask: jax.Array, z_dom: jax.Array
+               ) -> tuple[jax.Array, jax.Array | None]:
+    settings = self.settings
+    index, t, a_t, a_prev, do_blend = _plan(alphas_cumprod, settings)
+    x, key_steps = _init(rng, region_latent)
+    trajectory = []
+    for i in range(settings.num_steps):
+      x = self.step(params, x, jax.random.fold_in(key_steps, int(index[i])), region_latent, mask, z_dom,
+                    jnp.int32(t[i]), a_t[i], a_prev[i], jnp.asarray(do_blend[i]))
+      if settings.save_trajectory:
+        trajectory.append(x)
+    return x, (jnp.stack(trajectory) if settings.save_trajectory else None)
+
+
 def loop_ddim_sample(eps_fn: EpsFn, alphas_cumprod: jax.Array | np.ndarray, rng: jax.Array,
                      region_latent: jax.Array, mask: jax.Array, z_dom: jax.Array,
                      settings: SamplerSettings) -> tuple[jax.Array, jax.Array | None]:
-  """`blended_ddim_sample` with a Python loop over the jitted step (same keys, same result); not jittable."""
-  step = jax.jit(make_step_fn(eps_fn, settings))
-  index, t, a_t, a_prev, do_blend = _plan(alphas_cumprod, settings)
-  x, key_steps = _init(rng, region_latent)
-  trajectory = []
-  for i in range(settings.num_steps):
-    x = step(x, jax.random.fold_in(key_steps, int(index[i])), region_latent, mask, z_dom, jnp.int32(t[i]),
-             a_t[i], a_prev[i], jnp.asarray(do_blend[i]))
-    if settings.save_trajectory:
-      trajectory.append(x)
-  return x, (jnp.stack(trajectory) if settings.save_trajectory else None)
+  """`blended_ddim_sample` with a Python loop over a jitted step, for a closure eps_fn (tests, debugging).
+
+  The step closes over eps_fn, so every call compiles it anew; loops that run more than once should build
+  one `LoopSampler` with the parameters as an argument instead.
+  """
+  return LoopSampler(lambda _params, *args: eps_fn(*args), settings)(
+      None, alphas_cumprod, rng, region_latent, mask, z_dom)

@@ -86,8 +86,9 @@ def _unscaled_codec(ctx) -> latent.LatentCodec:
     return latent.build_codec(cfg, ctx.data.channels)
   model, init_params, tx = _parts(ctx)
   abstract = train_init.abstract_train_state(init_params, ctx.rng('autoencoder'), tx, ctx.config.train.ema_decay)
-  state = train_init.restore_final_state(ctx.checkpoint_dir('autoencoder'), abstract, ctx.mesh, 'the autoencoder')
-  return latent.kl_codec(model, state.ema_params, 1.0)
+  ema_params = train_init.restore_final_ema_params(ctx.checkpoint_dir('autoencoder'), abstract, ctx.mesh,
+                                                   'the autoencoder', ctx.restored)
+  return latent.kl_codec(model, ema_params, 1.0)
 
 
 def load_codec(ctx) -> latent.LatentCodec:

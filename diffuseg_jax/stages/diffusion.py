@@ -94,8 +94,9 @@ def load(ctx):
   """(model, EMA params, codec) of the finished diffusion stage."""
   codec, model, init_params, tx = _parts(ctx)
   abstract = train_init.abstract_train_state(init_params, ctx.rng('diffusion'), tx, ctx.config.train.ema_decay)
-  state = train_init.restore_final_state(ctx.checkpoint_dir('diffusion'), abstract, ctx.mesh, 'the diffusion UNet')
-  return model, state.ema_params, codec
+  ema_params = train_init.restore_final_ema_params(ctx.checkpoint_dir('diffusion'), abstract, ctx.mesh,
+                                                   'the diffusion UNet', ctx.restored)
+  return model, ema_params, codec
 
 
 def run(ctx) -> None:

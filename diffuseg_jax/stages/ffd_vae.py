@@ -51,8 +51,9 @@ def load(ctx, role: str):
   """(model, EMA params) of a finished teacher/student stage."""
   model, init_params, tx = _state_parts(ctx, role)
   abstract = train_init.abstract_train_state(init_params, ctx.rng(role), tx, ctx.config.train.ema_decay)
-  state = train_init.restore_final_state(ctx.checkpoint_dir(role), abstract, ctx.mesh, f'the {role} FFD-VAE')
-  return model, state.ema_params
+  ema_params = train_init.restore_final_ema_params(ctx.checkpoint_dir(role), abstract, ctx.mesh,
+                                                   f'the {role} FFD-VAE', ctx.restored)
+  return model, ema_params
 
 
 def is_trained(ctx, role: str) -> bool:

@@ -91,9 +91,9 @@ def load(ctx, strategy: str, seed: int):
   """(model, EMA params) of one finished segmentation run."""
   model, init_params, tx, rng = _parts(ctx, seed)
   abstract = train_init.abstract_train_state(init_params, rng, tx, ctx.config.train.ema_decay)
-  state = train_init.restore_final_state(run_dir(ctx, strategy, seed), abstract, ctx.mesh,
-                                         f'segmentation run {strategy} seed {seed}')
-  return model, state.ema_params
+  ema_params = train_init.restore_final_ema_params(run_dir(ctx, strategy, seed), abstract, ctx.mesh,
+                                                   f'segmentation run {strategy} seed {seed}', ctx.restored)
+  return model, ema_params
 
 
 def run(ctx) -> None:

@@ -17,6 +17,28 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+# Orbax splits every replicated array into one slice per replica so that replicas write in parallel. For the
+# small arrays of these networks that costs one eager slice per array and device (about 25,000 dispatches per
+# save of a 3-network pipeline on 8 devices, 1 s or more each save) and saves nothing. Arrays under 4 MiB per
+# replica slice are written whole by replica 0; bigger ones keep replica-parallel writes.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 4 << 20
+
+
+def _register_array_handler() -> None:
+  absl_logger = logging.getLogger('absl')  # orbax logs a warning for every override of a default handler
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL),
+        override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
+_register_array_handler()
+
 
 class StageCheckpointer:
   """Thin wrapper over `ocp.CheckpointManager` for one stage."""

@@ -44,6 +44,19 @@ def final_step_reached(directory: str, num_steps: int) -> bool:
   return latest is not None and latest >= num_steps
 
 
+def restore_final_ema_params(directory: str, abstract: TrainState, mesh: Mesh, what: str, memo: dict) -> Any:
+  """`restore_final_state(...).ema_params`, kept in `memo` (e.g. `Context.restored`) by (folder, newest step):
+  a stage read by several later stages of one run is restored once, and only its EMA weights stay in memory."""
+  import os
+
+  newest = max((n for n in os.listdir(directory) if n.isdigit()), key=int, default='') if os.path.isdir(
+      directory) else ''
+  key = (os.path.abspath(directory), newest)
+  if key not in memo:
+    memo[key] = restore_final_state(directory, abstract, mesh, what).ema_params
+  return memo[key]
+
+
 def restore_final_state(directory: str, abstract: TrainState, mesh: Mesh, what: str) -> TrainState:
   """The newest checkpoint of a finished stage, replicated on `mesh`; a clear error if there is none."""
   from diffuseg_jax.errors import UserError

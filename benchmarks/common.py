@@ -26,7 +26,10 @@ import numpy as np
 
 
 def prepare_process() -> None:
-  """Process settings chosen before torch is first imported (each overridable from the environment).
+  """Process settings chosen before torch is first imported and before JAX starts its backends (each
+  overridable from the environment).
+
+  XLA_FLAGS: the pipeline's CPU flags (diffuseg_jax/runtime.py) unless the user's XLA_FLAGS names them.
 
   OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP workers otherwise spin after every parallel region. With XLA's
   own thread pool in the same process, and on any machine with other load, the spinning threads steal the
@@ -34,6 +37,9 @@ def prepare_process() -> None:
   (0.15-0.43 s vs 0.013 s). Set OMP_WAIT_POLICY=ACTIVE to measure torch with spinning.
   """
   os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  from diffuseg_jax import runtime
+
+  runtime.set_xla_flags()  # the XLA CPU flags the pipeline runs with (diffuseg_jax/runtime.py)
 
 
 def torch_or_none():

@@ -9,13 +9,26 @@ import warnings
 import jax
 
 _handler: logging.Handler | None = None
+log = logging.getLogger('diffuseg_jax')
+
+
+def quiet_terminal() -> None:
+  """The terminal gets our prints and warnings only (not absl/JAX INFO lines such as backend probing)."""
+  from absl import logging as absl_logging
+
+  absl_logging.get_absl_handler().setLevel(logging.WARNING)
+
+
+def say(msg: str) -> None:
+  """A progress line for the user: printed by process 0 only (the others would repeat it) and logged."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+    log.info(msg)
 
 
 def setup(workdir: str) -> None:
   warnings.filterwarnings('ignore', message='.*Flax classes are deprecated.*')
-  from absl import logging as absl_logging
-
-  absl_logging.get_absl_handler().setLevel(logging.WARNING)  # the terminal gets our prints and warnings only
+  quiet_terminal()
   if jax.process_index() != 0:
     return
   global _handler

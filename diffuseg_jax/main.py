@@ -29,10 +29,11 @@ def main(argv) -> int:
   del argv
   import jax  # after flag parsing: keeps `--help` fast
 
-  from diffuseg_jax import distributed, runtime
+  from diffuseg_jax import distributed, logs, runtime
   from diffuseg_jax.errors import UserError
   from diffuseg_jax.train import preemption
 
+  logs.quiet_terminal()
   runtime.configure()
   try:
     distributed.maybe_initialize()

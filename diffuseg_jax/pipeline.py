@@ -10,7 +10,6 @@ resume from their newest checkpoint, synthesis from its finished shards.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import time
 
@@ -21,8 +20,6 @@ from diffuseg_jax import atomic, logs
 from diffuseg_jax.config_validation import parse_stages, validate
 from diffuseg_jax.context import Context
 from diffuseg_jax.train.sharding import make_mesh
-
-log = logging.getLogger(__name__)
 
 STAGES = ('teacher', 'student', 'autoencoder', 'diffusion', 'synthesize', 'segment', 'evaluate')
 
@@ -40,18 +37,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   logs.setup(workdir)
   if ctx.is_main_process:
     atomic.write_text(ctx.path('config.json'), config.to_json_best_effort(indent=2) + '\n')
-    _say(f'diffuseg_jax: workdir {os.path.abspath(workdir)}; {jax.device_count()} device(s) '
+    logs.say(f'diffuseg_jax: workdir {os.path.abspath(workdir)}; {jax.device_count()} device(s) '
          f'({jax.devices()[0].platform}), {jax.process_count()} process(es); stages: {", ".join(selected)}')
   for name in selected:
     module = stage_module(name)
     if module.is_done(ctx):
       note = getattr(module, 'skip_note', None)
-      _say(f'[{name}] ' + (note(ctx) if note else f'already done in {workdir}: skipped'))
+      logs.say(f'[{name}] ' + (note(ctx) if note else f'already done in {workdir}: skipped'))
       continue
     start = time.perf_counter()
-    _say(f'[{name}] running')
+    logs.say(f'[{name}] running')
     module.run(ctx)
-    _say(f'[{name}] done in {time.perf_counter() - start:.1f} s')
+    logs.say(f'[{name}] done in {time.perf_counter() - start:.1f} s')
   return ctx
 
 
@@ -68,7 +65,3 @@ def _prepare_workdir(workdir: str) -> None:
     raise UserError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
 
 
-def _say(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
-    log.info(msg)

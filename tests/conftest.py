@@ -16,6 +16,10 @@ for _flag in (_DEVICE_FLAG, *_FAST_COMPILE_FLAGS):
     os.environ['XLA_FLAGS'] = ' '.join(filter(None, [os.environ.get('XLA_FLAGS', ''), _flag]))
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
+from diffuseg_jax import runtime  # noqa: E402 - importing jax starts no backend; XLA_FLAGS is read later
+
+runtime.set_xla_flags()  # the CPU flags of the main command, also for in-process pipeline tests
+
 # One persistent XLA compilation cache for the whole session (inherited by subprocess tests): the pipeline
 # tests compile many identical programs (per stage, per seed, per dataset), which then compile only once.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax import losses
+from diffuseg_jax import logs, losses
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.models import latent
 from diffuseg_jax.models.autoencoder import build_kl_autoencoder
@@ -128,4 +128,4 @@ def run(ctx) -> None:
             'psnr_target_test': float(np.mean(psnr(recon, ctx.data.test.images[:1000]))),
             'downsample': codec.downsample, 'latent_channels': codec.latent_channels}
   ctx.update_metrics('autoencoder', result)
-  print(f'[autoencoder] {result}', flush=True)
+  logs.say(f'[autoencoder] {result}')

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax import report
+from diffuseg_jax import logs, report
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.metrics import features, image_quality
 from diffuseg_jax.metrics.segmentation import evaluate_cases, summarise
@@ -173,9 +173,9 @@ def run(ctx) -> None:
   if ctx.is_main_process:
     report.write_report(ctx, predictions)
   for name, r in strategies.items():
-    print(f'[evaluate] {name:9s} Dice {report.fmt(r["dice_mean"], 4)} ± {report.fmt(r["dice_std"], 4)}  '
-          f'IoU {report.fmt(r["iou_mean"], 4)}  HD95 {report.fmt(r["hd95_mean"], 2)}'
-          + ('  (oracle)' if r['oracle'] else ''), flush=True)
+    logs.say(f'[evaluate] {name:9s} Dice {report.fmt(r["dice_mean"], 4)} ± {report.fmt(r["dice_std"], 4)}  '
+             f'IoU {report.fmt(r["iou_mean"], 4)}  HD95 {report.fmt(r["hd95_mean"], 2)}'
+             + ('  (oracle)' if r['oracle'] else ''))
 
 
 def _has_synthetic(ctx) -> bool:

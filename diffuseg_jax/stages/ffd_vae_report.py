@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from diffuseg_jax import figures
+from diffuseg_jax import figures, logs
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.metrics.segmentation import evaluate_cases, summarise
 from diffuseg_jax.stages import ffd_vae
@@ -108,6 +108,6 @@ def write(ctx) -> dict:
         labels=[test.labels[:k], s_test['seg'][:k], t_test['seg'][:k]], num_classes=data.num_classes,
         title=f'target test Dice: S {result["teacher_dice_target"]:.3f}, T {result["student_dice_target"]:.3f}',
     )
-  print('[student] FFD-VAE diagnostics: ' + ', '.join(
+  logs.say('[student] FFD-VAE diagnostics: ' + ', '.join(
       f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}' for k, v in result.items()))
   return result

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax import losses
+from diffuseg_jax import logs, losses
 from diffuseg_jax.config_validation import parse_strategies
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.seg_unet import build_seg_unet
@@ -105,7 +105,7 @@ def run(ctx) -> None:
     model, init_params, tx, rng = _parts(ctx, seed)
     state = train_init.create_train_state(init_params, rng, tx, ctx.config.train.ema_decay, ctx.mesh)
     note = ' (oracle: uses real target labels)' if strategy in ORACLE else ''
-    print(f'[segment] {strategy} seed {seed}: {len(arrays["image"])} training images{note}', flush=True)
+    logs.say(f'[segment] {strategy} seed {seed}: {len(arrays["image"])} training images{note}')
     fit(
         stage=f'segment_{strategy}_seed{seed}', ctx=ctx, state=state,
         step_fn=functools.partial(seg_step, model, ctx.data.num_classes), arrays=arrays,

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from diffuseg_jax import figures, synthetic_io
+from diffuseg_jax import figures, logs, synthetic_io
 from diffuseg_jax.data import export
 from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.inference import batched_apply
@@ -251,7 +251,7 @@ def run(ctx) -> None:
   figures.synthesis_figure(synth['label'][:n], synth['image'][:n], data.target.images[synth['reference_index'][:n]],
                            ctx.path('figures', 'synthesis_examples.png'), data.num_classes,
                            title='blended DDIM: given mask | synthetic with mask contour | target reference')
-  print(f'[synthesize] {count} images in {root}', flush=True)
+  logs.say(f'[synthesize] {count} images in {root}')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('synthesize: manifest merged')
 

@@ -1,0 +1,24 @@
+"""Process settings chosen in code: XLA CPU flags are added, but a flag the user set is never overridden."""
+
+from diffuseg_jax import runtime
+
+
+def test_cpu_flags_added_to_empty_environment():
+  env = {}
+  runtime.set_xla_flags(env)
+  assert env['XLA_FLAGS'].split() == list(runtime.CPU_XLA_FLAGS)
+
+
+def test_user_flags_kept_and_user_value_wins():
+  name = runtime.CPU_XLA_FLAGS[0].split('=')[0]
+  env = {'XLA_FLAGS': f'--xla_force_host_platform_device_count=8 {name}=individual_convolution'}
+  runtime.set_xla_flags(env)
+  assert env['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=8 {name}=individual_convolution'
+
+
+def test_idempotent():
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  runtime.set_xla_flags(env)
+  once = env['XLA_FLAGS']
+  runtime.set_xla_flags(env)
+  assert env['XLA_FLAGS'] == once and once.startswith('--xla_force_host_platform_device_count=2 ')

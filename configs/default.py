@@ -142,6 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = d(
       every_steps=500,
       max_to_keep=2,
+      # Multi-process runs: steps between two checks that all processes agree on a SIGTERM (a collective);
+      # a SIGTERM takes effect within this many steps plus one save (see train/preemption.py).
+      preemption_check_every=10,
   )
 
   c.eval = d(

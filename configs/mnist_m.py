@@ -20,17 +20,17 @@ def get_config(variant: str | None = None):
   c.autoencoder.kind = 'identity'
   c.train.ema_decay = 0.995
   c.vae.base_channels = 16
-  c.vae.teacher_steps = 600
-  c.vae.student_steps = 600
+  c.vae.teacher_steps = 500
+  c.vae.student_steps = 500
   c.diffusion.base_channels = 16
   c.diffusion.channel_mult = (1, 2, 4)
   c.diffusion.batch_size = 32
-  c.diffusion.steps = 1500
+  c.diffusion.steps = 1400
   c.diffusion.learning_rate = 5e-4
   c.sampling.num_steps = 25
   c.sampling.blend_until = 0.8
   c.segmentation.base_channels = 8
-  c.segmentation.steps = 400
+  c.segmentation.steps = 300
   if variant in (None, '', 'full'):
     return c
   if variant == 'quick':

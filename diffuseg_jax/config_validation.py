@@ -21,6 +21,7 @@ POSITIVE_INTS = (
     'autoencoder.batch_size', 'diffusion.steps', 'diffusion.batch_size', 'diffusion.num_timesteps',
     'sampling.num_steps', 'sampling.batch_size', 'sampling.shard_size', 'segmentation.steps',
     'segmentation.batch_size', 'eval.batch_size', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
+    'checkpoint.preemption_check_every',
     'train.log_every',
 )
 POSITIVE_FLOATS = ('vae.learning_rate', 'autoencoder.learning_rate', 'diffusion.learning_rate',

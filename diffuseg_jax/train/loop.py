@@ -100,7 +100,7 @@ def fit(
   preemption.install_handler()
   # The save is collective, so every process must stop at the same step: `should_stop` is that agreement
   # (a tiny collective; at least as often as the log steps, which sync with the host anyway).
-  agree_every = min(log_every, int(config.checkpoint.get('preemption_check_every', preemption.DEFAULT_AGREE_EVERY)))
+  agree_every = min(log_every, int(config.checkpoint.preemption_check_every))
   try:
     for step in range(start, num_steps):
       batch = sharding.shard_batch(next(iterator), mesh)

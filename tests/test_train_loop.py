@@ -138,3 +138,54 @@ def test_state_roundtrip_through_checkpoint(tmp_path):
   assert isinstance(restored, TrainState) and int(restored.step) == 4
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_small_replicated_arrays_are_saved_whole(tmp_path, monkeypatch):
+  """On 8 devices orbax would cut every replicated array into 8 slices (one eager op each, per save); the
+  registered handler writes arrays under MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL whole from one replica."""
+  from orbax.checkpoint._src.serialization import replica_slices
+
+  from diffuseg_jax.train.checkpoint import StageCheckpointer
+
+  sliced = []
+  original = replica_slices.ReplicaSlice.data
+
+  def counting(self):
+    if self.slice_args is not None:
+      sliced.append(self)
+    return original(self)
+
+  monkeypatch.setattr(replica_slices.ReplicaSlice, 'data', counting)
+  def init_params(key):  # a leading dimension divisible by the 8 replicas, as conv kernels' often are
+    return {'w': jax.random.normal(key, (64, 16))}
+
+  ctx = make_context(tiny_config(), tmp_path)
+  state = train_init.create_train_state(init_params, jax.random.key(0), optax.sgd(0.1), 0.9, ctx.mesh)
+  assert state.params['w'].sharding.is_fully_replicated and len(state.params['w'].sharding.device_set) == 8
+  ckpt = StageCheckpointer(ctx.checkpoint_dir('toy'))
+  ckpt.save(1, state, force=True)
+  ckpt.close()
+  assert sliced == []
+  abstract = train_init.abstract_train_state(init_params, jax.random.key(0), optax.sgd(0.1), 0.9)
+  restored = train_init.restore_final_state(ctx.checkpoint_dir('toy'), abstract, ctx.mesh, 'toy')
+  np.testing.assert_array_equal(np.asarray(restored.params['w']), np.asarray(state.params['w']))
+
+
+def test_final_ema_params_restored_once_per_checkpoint(tmp_path, monkeypatch):
+  """Later stages of one run share a restore; a newer checkpoint in the folder is restored again."""
+  ctx = make_context(tiny_config(), tmp_path)
+  state = _fit(ctx, _state(ctx), 2).state
+  abstract = train_init.abstract_train_state(_init_params, jax.random.key(0), optax.sgd(0.05), 0.9)
+  calls = []
+  original = train_init.restore_final_state
+  monkeypatch.setattr(train_init, 'restore_final_state', lambda *a: calls.append(a) or original(*a))
+  directory = ctx.checkpoint_dir('toy')
+  first = train_init.restore_final_ema_params(directory, abstract, ctx.mesh, 'toy', ctx.restored)
+  again = train_init.restore_final_ema_params(directory, abstract, ctx.mesh, 'toy', ctx.restored)
+  assert again is first and len(calls) == 1
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(first), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  newer = _fit(ctx, state, 4).state
+  updated = train_init.restore_final_ema_params(directory, abstract, ctx.mesh, 'toy', ctx.restored)
+  assert len(calls) == 2
+  np.testing.assert_array_equal(np.asarray(updated['w']), np.asarray(newer.ema_params['w']))

@@ -7,6 +7,7 @@ hits every implementation alike; each run ends with a blocking wait for its resu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -158,10 +159,14 @@ def device_peak_bytes() -> int | None:
   return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
 
 
-def xla_flops(compiled) -> float | None:
-  """FLOPs of one execution of a compiled XLA program, from XLA's cost analysis (None if unavailable)."""
+def xla_flops(program) -> float | None:
+  """FLOPs of one execution of an XLA program, from XLA's cost analysis (None if unavailable).
+
+  Pass the `Lowered` program (jit(f).lower(...)): its analysis runs on the HLO before backend passes and is
+  the same on every device. A GPU-`Compiled` program's analysis misses the convolutions, which become cuDNN
+  custom calls there (an H200 run reported ~1/18 of the true FLOPs); on CPU both agree to 0.2 %."""
   try:
-    cost = compiled.cost_analysis()
+    cost = program.cost_analysis()
   except Exception:  # noqa: BLE001 - some backends do not implement it
     return None
   if isinstance(cost, (list, tuple)):
@@ -170,25 +175,28 @@ def xla_flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-def matmul_ceiling_gflops(n: int, repeats: int = 5) -> float:
-  """Best-of-`repeats` GFLOP/s of a jitted float32 [n, n] @ [n, n] on the default device: a dense-compute
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def matmul_ceiling_gflops(n: int, repeats: int = 5, dtype: Any = jnp.float32) -> float:
+  """Best-of-`repeats` GFLOP/s of a jitted [n, n] @ [n, n] in `dtype` on the default device: a dense-compute
   ceiling for this machine, measured in the same process (and load) as the benchmark."""
   key = jax.random.key(0)
-  a = jax.random.normal(key, (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32)
+  a = jax.random.normal(key, (n, n), dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
   f = jax.jit(jnp.matmul)
   f(a, b).block_until_ready()
   best = min(_time(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
   return 2.0 * n**3 / best / 1e9
 
 
-def torch_matmul_gflops(n: int, repeats: int = 5) -> float | None:
+def torch_matmul_gflops(n: int, repeats: int = 5, dtype: str = 'float32') -> float | None:
   torch = torch_or_none()
   if torch is None:
     return None
   dev = torch_device()
-  a = torch.randn(n, n, device=dev)
-  b = torch.randn(n, n, device=dev)
+  a = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
+  b = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
   torch_sync(torch.mm(a, b))
   best = min(_time(lambda: torch_sync(torch.mm(a, b))) for _ in range(repeats))
   return 2.0 * n**3 / best / 1e9
@@ -204,6 +212,21 @@ def torch_device():
   torch = torch_or_none()
   on_gpu = torch is not None and torch.cuda.is_available() and jax.default_backend() == 'gpu'
   return 'cuda' if on_gpu else 'cpu'
+
+
+def equivalence_tolerance() -> float:
+  """Relative tolerance of the ours-vs-torch checks: 1e-3 on CPU; 5e-2 on GPUs, where both stacks run float32
+  convolutions (and XLA also matmuls) in TF32 by default, whose 10-bit mantissa gives ~1e-3 per op."""
+  return 1e-3 if jax.default_backend() == 'cpu' else 5e-2
+
+
+def torch_autocast(dtype: str):
+  """The torch counterpart of our compute dtype: autocast to bfloat16 (params stay float32), else nothing."""
+  if dtype == 'float32':
+    return contextlib.nullcontext()
+  import torch
+
+  return torch.autocast(device_type=torch_device(), dtype=getattr(torch, dtype))
 
 
 def torch_sync(out=None):
@@ -252,6 +275,12 @@ def _cpu_model() -> str:
   except OSError:
     pass
   return platform.processor()
+
+
+def progress_line(what: str, rows: Sequence[dict[str, Any]]) -> None:
+  """One line per measured case as it finishes (the table comes at the end; a killed run keeps these)."""
+  print(f'{what}: ' + ', '.join(f"{r['impl']} {r['img_s']:.4g} img/s (compile {r.get('compile_s') or 0:.1f} s)"
+                                for r in rows), flush=True)
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

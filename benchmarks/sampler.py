@@ -42,6 +42,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 CONFIGS = ('mnist_m', 'mscmr')
 LABELS = {'mnist_m': '(a) MNIST-M pixel 32x32x3', 'mscmr': '(b) cardiac latent 32x32x4 (128^2 images)'}
 SUMMARY_CASE = ('mscmr', 16)  # the config and batch of the one-line summary
+IMPLS = ('scan', 'loop', 'torch')
 MNIST_M_CHANNELS = 3  # MNIST-M images are RGB; pixel-space diffusion (autoencoder.kind='identity')
 
 
@@ -61,8 +62,9 @@ class Case:
   alphas_cumprod: np.ndarray  # float32 [T]
 
 
-def make_case(name: str, steps: int, quick: bool = False) -> Case:
-  """The case of configs/<name>.py; `quick` shrinks the network and latents to a seconds-long smoke size."""
+def make_case(name: str, steps: int, quick: bool = False, dtype: str = 'float32') -> Case:
+  """The case of configs/<name>.py; `quick` shrinks the network and latents to a seconds-long smoke size;
+  `dtype` is the UNet's compute dtype (train.compute_dtype; params stay float32)."""
   cfg = load_config(name)
   if cfg.autoencoder.kind == 'identity':
     h = w = int(cfg.data.image_size)
@@ -78,7 +80,7 @@ def make_case(name: str, steps: int, quick: bool = False) -> Case:
     cfg.diffusion.num_heads = 2
     h = w = 8
   cfg.sampling.num_steps = steps
-  model = build_cond_unet(cfg.diffusion, channels=c, cond_dim=int(cfg.vae.z_dom_dim))
+  model = build_cond_unet(cfg.diffusion, channels=c, cond_dim=int(cfg.vae.z_dom_dim), dtype=common.DTYPES[dtype])
   d = cfg.diffusion
   alphas = schedules.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end).alphas_cumprod
   return Case(name, model, (h, w, c), sampler.SamplerSettings.from_config(cfg), alphas)
@@ -120,11 +122,11 @@ def jax_samplers(case: Case):
   return jax.jit(scan), sampler.LoopSampler(_apply_eps(case.model), case.settings)
 
 
-def compile_step(loop: sampler.LoopSampler, params, inputs: dict[str, jax.Array]):
-  """The loop sampler's step AOT-compiled for this batch (its cost analysis gives the FLOPs of one step)."""
+def lower_step(loop: sampler.LoopSampler, params, inputs: dict[str, jax.Array]):
+  """The loop sampler's step lowered for this batch (its cost analysis gives the FLOPs of one step)."""
   x = inputs['region']
   scalars = (jnp.int32(0), jnp.float32(0.5), jnp.float32(0.6), jnp.asarray(True))  # t, a_t, a_prev, do_blend
-  return loop.step.lower(params, x, jax.random.key(0), x, inputs['mask'], inputs['z_dom'], *scalars).compile()
+  return loop.step.lower(params, x, jax.random.key(0), x, inputs['mask'], inputs['z_dom'], *scalars)
 
 
 def jax_noise(case: Case, key: jax.Array, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,11 +204,14 @@ def _nchw(a, device):
 
 
 def check_equivalence(case: Case, params, net, sched, scan_fn, batch: int,
-                      tol: float = 1e-3) -> dict[str, float]:
+                      tol: float | None = None) -> dict[str, float]:
   """Max |torch - jax| relative to max |jax|: the UNet's eps (batch 2, one row dropped to the null condition)
-  and the whole sampler at `batch` (scan_fn compiled for it) fed identical noise. AssertionError above tol."""
+  and the whole sampler at `batch` (scan_fn compiled for it) fed identical noise. AssertionError above tol.
+  Both checks run in float32 (the weights and the arithmetic); for a bfloat16 case the eps check uses the
+  float32 twin of the model and the sampler check is skipped (bfloat16 rounding differs between stacks)."""
   import torch
 
+  tol = common.equivalence_tolerance() if tol is None else tol
   dev = common.torch_device()
   h, w, c = case.latent
   rng = np.random.default_rng(1)
@@ -214,11 +219,14 @@ def check_equivalence(case: Case, params, net, sched, scan_fn, batch: int,
   t = np.array([999, 17], np.int32)
   z = rng.standard_normal((2, case.model.cond_dim)).astype(np.float32)
   drop = np.array([False, True])
-  eps_jax = np.asarray(jax.jit(case.model.apply)({'params': params}, x, t, z, drop))
+  model32 = case.model.clone(dtype=jnp.float32)
+  eps_jax = np.asarray(jax.jit(model32.apply)({'params': params}, x, t, z, drop))
   with torch.inference_mode():
     eps_torch = net(_nchw(x, dev), torch.from_numpy(t).to(dev), torch.from_numpy(z).to(dev),
                     torch.from_numpy(drop).to(dev)).cpu().numpy()
   errs = {'eps_rel_err': float(np.abs(np.moveaxis(eps_torch, 1, -1) - eps_jax).max() / np.abs(eps_jax).max())}
+  if case.model.dtype != jnp.float32:
+    return _assert_within(case, errs, tol)
 
   inputs = make_inputs(case, batch, seed=2)
   key = jax.random.key(3)
@@ -228,6 +236,10 @@ def check_equivalence(case: Case, params, net, sched, scan_fn, batch: int,
                           torch.from_numpy(inputs['z_dom']).to(dev), _nchw(x_t, dev), _nchw(seg, dev))
   x0_torch = np.moveaxis(x0_torch.cpu().numpy(), 1, -1)
   errs['sample_rel_err'] = float(np.abs(x0_torch - x0_jax).max() / np.abs(x0_jax).max())
+  return _assert_within(case, errs, tol)
+
+
+def _assert_within(case: Case, errs: dict[str, float], tol: float) -> dict[str, float]:
   for name, err in errs.items():
     if not err <= tol:
       raise AssertionError(f'{case.name}: torch reference differs from ours: {name}={err:.2e} > {tol}')
@@ -236,35 +248,39 @@ def check_equivalence(case: Case, params, net, sched, scan_fn, batch: int,
 
 # --- the benchmark -----------------------------------------------------------------------------------------
 
-def bench_case(case: Case, batches: tuple[int, ...], repeats: int, with_torch: bool,
+def bench_case(case: Case, batches: tuple[int, ...], repeats: int, impls: tuple[str, ...],
                ceiling_gflops: float) -> tuple[list[dict[str, Any]], dict[str, float]]:
-  """Rows (one per batch and implementation) and the equivalence errors of one config."""
+  """Rows (one per batch and implementation in `impls`) and the equivalence errors of one config."""
   params = init_params(case)
-  reference = torch_reference(case, params) if with_torch else None
+  reference = torch_reference(case, params) if 'torch' in impls else None
   rows, checks = [], {}
   for batch in batches:
     batch_rows, batch_checks = _bench_batch(case, params, reference, batch, repeats, ceiling_gflops,
-                                            check=not checks)
+                                            check=not checks, impls=impls)
+    common.progress_line(f'{case.name} batch {batch}', batch_rows)
     rows += batch_rows
     checks = checks or batch_checks
   return rows, checks
 
 
 def _bench_batch(case: Case, params, reference, batch: int, repeats: int, ceiling_gflops: float,
-                 check: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                 check: bool, impls: tuple[str, ...] = IMPLS) -> tuple[list[dict[str, Any]], dict[str, float]]:
   scan_jit, loop = jax_samplers(case)
   host = make_inputs(case, batch)
   inputs = {k: jnp.asarray(v) for k, v in host.items()}
   args = (params, jax.random.key(batch), inputs['region'], inputs['mask'], inputs['z_dom'])
   t0 = time.perf_counter()
-  compiled = scan_jit.lower(*args).compile()
+  lowered = scan_jit.lower(*args)
+  compiled = lowered.compile()
   compile_s = {'scan': time.perf_counter() - t0}
   t0 = time.perf_counter()
-  step = compile_step(loop, params, inputs)
+  step = lower_step(loop, params, inputs)  # its cost analysis gives the FLOPs of one step
+  step.compile()
   compile_s['loop'] = time.perf_counter() - t0
-  flops, scan_flops = common.xla_flops(step), common.xla_flops(compiled)
-  runs = {'scan': lambda: compiled(*args).block_until_ready(),
-          'loop': lambda: loop(params, case.alphas_cumprod, *args[1:])[0].block_until_ready()}
+  flops, scan_flops = common.xla_flops(step), common.xla_flops(lowered)
+  runs = {'scan': lambda: compiled(*args).block_until_ready()}
+  if 'loop' in impls:
+    runs['loop'] = lambda: loop(params, case.alphas_cumprod, *args[1:])[0].block_until_ready()
   checks = {}
   if reference is not None:
     net, sched = reference
@@ -273,18 +289,26 @@ def _bench_batch(case: Case, params, reference, batch: int, repeats: int, ceilin
     import torch
     dev = common.torch_device()
     targs = (_nchw(host['region'], dev), _nchw(host['mask'], dev), torch.from_numpy(host['z_dom']).to(dev))
-    runs['torch'] = lambda: torch_sample(net, sched, case.settings, *targs)
+    dtype = jnp.dtype(case.model.dtype).name
+
+    def run_torch():
+      with common.torch_autocast(dtype):
+        return torch_sample(net, sched, case.settings, *targs)
+
+    runs['torch'] = run_torch
   results = common.measure(runs, batch, repeats)
   scan_out = results['scan'].output
-  for name in ('loop',):  # same keys, same steps: the same samples up to float rounding
+  tol = 1e-4 if case.model.dtype == jnp.float32 else 5e-2  # bfloat16: fusion-dependent rounding
+  for name in ('loop',) if 'loop' in results else ():  # same keys, same steps: the same samples
     err = float(jnp.max(jnp.abs(results[name].output - scan_out)) / jnp.max(jnp.abs(scan_out)))
-    if not err <= 1e-4:
+    if not err <= tol:
       raise AssertionError(f'{case.name}: {name} sampler differs from the scan sampler: rel err {err:.2e}')
   rows = []
   for name, m in results.items():
     med = m.timing.images_per_second()[0]
     gflops = flops * case.settings.num_steps / batch * med / 1e9 if flops else None
-    rows.append({'config': case.name, 'batch': batch, 'impl': name, **m.row(),
+    rows.append({'config': case.name, 'dtype': jnp.dtype(case.model.dtype).name, 'batch': batch, 'impl': name,
+                 **m.row(),
                  'compile_s': compile_s.get(name),
                  'gflop_s': gflops, 'frac_of_matmul': common.ratio(gflops, ceiling_gflops),
                  'step_gflop': flops / 1e9 if flops else None,
@@ -305,31 +329,33 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float | None]:
           'matmul_frac': get('scan', 'frac_of_matmul')}
 
 
-COLUMNS = ('config', 'batch', 'impl', 'img_s', 'img_s_range', 'compile_s', 'first_call_s', 'peak_rss_MiB',
+COLUMNS = ('config', 'dtype', 'batch', 'impl', 'img_s', 'img_s_range', 'compile_s', 'first_call_s', 'peak_rss_MiB',
            'rss_delta_MiB', 'device_peak_MiB', 'gflop_s', 'frac_of_matmul')
 
 
 def run(configs: tuple[str, ...], batches: tuple[int, ...], steps: int, repeats: int, quick: bool,
-        with_torch: bool, matmul_n: int) -> dict[str, Any]:
-  """Run the sampler benchmark; returns {'env', 'ceiling', 'rows', 'checks', 'summary'}."""
+        with_torch: bool, matmul_n: int, dtype: str = 'float32', impls: tuple[str, ...] = IMPLS) -> dict[str, Any]:
+  """Run the sampler benchmark; returns {'env', 'ceiling', 'rows', 'checks', 'summary'}. The matmul ceiling
+  is measured in `dtype` (the UNet's compute dtype)."""
   torch = common.torch_or_none() if with_torch else None
-  ceiling = common.matmul_ceiling_gflops(matmul_n)
+  impls = tuple(i for i in impls if i != 'torch' or torch is not None)
+  ceiling = common.matmul_ceiling_gflops(matmul_n, dtype=common.DTYPES[dtype])
   result = {'env': common.environment(), 'rows': [], 'checks': {},
-            'ceiling': {'matmul_n': matmul_n, 'jax_gflop_s': ceiling,
-                        'torch_gflop_s': common.torch_matmul_gflops(matmul_n) if torch else None}}
+            'ceiling': {'matmul_n': matmul_n, 'dtype': dtype, 'jax_gflop_s': ceiling,
+                        'torch_gflop_s': common.torch_matmul_gflops(matmul_n, dtype=dtype) if torch else None}}
   for name in configs:
-    case = make_case(name, steps, quick)
-    rows, checks = bench_case(case, batches, repeats, torch is not None, ceiling)
+    case = make_case(name, steps, quick, dtype)
+    rows, checks = bench_case(case, batches, repeats, impls, ceiling)
     result['rows'] += rows
     result['checks'][name] = checks
-  result['ceiling']['jax_gflop_s_after'] = common.matmul_ceiling_gflops(matmul_n)  # load drift indicator
+  result['ceiling']['jax_gflop_s_after'] = common.matmul_ceiling_gflops(matmul_n, dtype=common.DTYPES[dtype])
   result['summary'] = summary(result['rows'])
   return result
 
 
 def print_result(result: dict[str, Any]) -> None:
   c = result['ceiling']
-  print(f"matmul ceiling ({c['matmul_n']}^2 f32): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
+  print(f"matmul ceiling ({c['matmul_n']}^2 {c.get('dtype', 'float32')}): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
         f"{c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
   for name, checks in result['checks'].items():
     if checks:
@@ -349,6 +375,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--repeats', type=int, default=5, help='timed runs per implementation (after a warm-up)')
   p.add_argument('--quick', action='store_true', help='tiny network, 8x8 latents, 2 steps, batch 2, 2 runs')
   p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
+  p.add_argument('--impls', default=','.join(IMPLS), help='comma-separated subset of scan,loop,torch')
+  p.add_argument('--dtype', default='float32', choices=tuple(common.DTYPES),
+                 help='UNet compute dtype (params float32); torch runs under autocast to it')
   p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 2048 CPU, 8192 GPU)')
   p.add_argument('--json', default=None, help='also write the results here')
   return p.parse_args(argv)
@@ -358,15 +387,16 @@ def main(argv=None) -> dict[str, Any]:
   common.prepare_process()
   args = parse_args(argv)
   configs = tuple(c for c in args.configs.split(',') if c)
-  bad = [c for c in configs if c not in CONFIGS]
-  if bad:
-    raise SystemExit(f'error: --configs: unknown {bad}; choose from {list(CONFIGS)}')
+  impls = tuple(i for i in args.impls.split(',') if i)
+  bad = [c for c in configs if c not in CONFIGS] + [i for i in impls if i not in IMPLS]
+  if bad or 'scan' not in impls:
+    raise SystemExit(f'error: unknown {bad} (configs: {list(CONFIGS)}, impls: {list(IMPLS)}, scan always runs)')
   batches = tuple(int(b) for b in args.batches.split(','))
   steps, repeats = args.steps, args.repeats
   matmul_n = args.matmul_n or (8192 if jax.default_backend() == 'gpu' else 2048)
   if args.quick:
     batches, steps, repeats, matmul_n = (2,), 2, 2, args.matmul_n or 256
-  result = run(configs, batches, steps, repeats, args.quick, not args.no_torch, matmul_n)
+  result = run(configs, batches, steps, repeats, args.quick, not args.no_torch, matmul_n, args.dtype, impls)
   print_result(result)
   common.write_json(args.json, result)
   print(summary_line(result['summary']), flush=True)

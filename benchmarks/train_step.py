@@ -64,22 +64,25 @@ class Net:
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def make_net(config: str, network: str, quick: bool = False) -> Net:
+def make_net(config: str, network: str, quick: bool = False, dtype: str = 'float32') -> Net:
+  """`dtype`: the network's compute dtype (train.compute_dtype); params (and the initial values) are the same
+  float32 ones for every dtype."""
   cfg = load_config(config)
+  dt = common.DTYPES[dtype]
   data = DATA[config]
   size = 16 if quick else int(cfg.data.image_size)
   c, k = data['channels'], data['num_classes']
   if network == 'teacher':
     if quick:
       cfg.vae.base_channels = 8
-    model = build_ffd_vae(cfg.vae, num_classes=k, channels=c)
+    model = build_ffd_vae(cfg.vae, num_classes=k, channels=c, dtype=dt)
     params = common.host_params(
         lambda k: model.init({'params': k, 'latent': k}, jnp.zeros((1, size, size, c)))['params'])
     step = functools.partial(ffd_vae_stage.teacher_step, model, cfg.vae, k)
     return Net(network, model, params, step, float(cfg.vae.learning_rate), (size, size, c), k,
                {'beta': float(cfg.vae.beta), 'seg_weight': float(cfg.vae.seg_weight)})
   if network == 'diffusion':
-    case = make_case(config, steps=1, quick=quick)
+    case = make_case(config, steps=1, quick=quick, dtype=dtype)
     h, w, lc = case.latent
     params = init_params(case)
     alphas = jnp.asarray(case.alphas_cumprod)
@@ -91,7 +94,7 @@ def make_net(config: str, network: str, quick: bool = False) -> Net:
     if quick:
       cfg.segmentation.base_channels = 4
       cfg.segmentation.levels = 2
-    model = build_seg_unet(cfg.segmentation, k)
+    model = build_seg_unet(cfg.segmentation, k, dt)
     params = common.host_params(lambda k: model.init(k, jnp.zeros((1, size, size, c)))['params'])
     step = functools.partial(segment_stage.seg_step, model, k)
     return Net(network, model, params, step, float(cfg.segmentation.learning_rate), (size, size, c), k)
@@ -111,9 +114,11 @@ def make_batch(net: Net, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 # --- ours --------------------------------------------------------------------------------------------------
 
 def jax_train(net: Net, train_config, steps: int):
-  """(state, jitted step with the state donated), as train/loop.fit compiles it on one device."""
+  """(state, jitted step with the state donated), as train/loop.fit compiles it on one device. The state owns
+  copies of net.params: donation deletes the state's buffers (on GPUs; XLA CPU ignores donation)."""
   tx = make_optimizer(net.learning_rate, steps, train_config)
-  state = jax.device_put(TrainState.create(net.params, tx, float(train_config.ema_decay)))
+  params = jax.tree.map(jnp.copy, net.params)
+  state = jax.device_put(TrainState.create(params, tx, float(train_config.ema_decay)))
   return state, jax.jit(net.step_fn, donate_argnums=0)
 
 
@@ -137,7 +142,7 @@ def jax_loss(net: Net, params, batch: dict[str, jax.Array], fixed: dict[str, jax
 class TorchTrainer:
   """The PyTorch counterpart of one step: forward, loss, backward, clip, AdamW, EMA."""
 
-  def __init__(self, net: Net, train_config):
+  def __init__(self, net: Net, train_config, dtype: str = 'float32'):
     import torch
 
     from benchmarks import torch_mirror
@@ -164,6 +169,7 @@ class TorchTrainer:
     self.opt = torch.optim.AdamW(self.params, lr=net.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                  weight_decay=float(train_config.weight_decay))
     self.num_steps = 0
+    self.dtype = dtype  # forward and loss under torch.autocast to it (our compute dtype)
 
   def to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
     t = self.torch
@@ -197,7 +203,8 @@ class TorchTrainer:
   def step(self, batch: dict[str, Any]) -> float:
     t = self.torch
     self.opt.zero_grad(set_to_none=True)
-    loss = self.loss(batch)
+    with common.torch_autocast(self.dtype):
+      loss = self.loss(batch)
     loss.backward()
     if self.grad_clip:
       t.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -210,8 +217,9 @@ class TorchTrainer:
 
 
 def check_equivalence(net: Net, trainer: TorchTrainer, batch: dict[str, np.ndarray],
-                      tol: float = 1e-3) -> dict[str, float]:
+                      tol: float | None = None) -> dict[str, float]:
   """Relative |torch - jax| of the loss and of the global gradient norm on one batch; AssertionError > tol."""
+  tol = common.equivalence_tolerance() if tol is None else tol
   torch = trainer.torch
   b = next(iter(batch.values())).shape[0]
   rng = np.random.default_rng(5)
@@ -242,16 +250,23 @@ def check_equivalence(net: Net, trainer: TorchTrainer, batch: dict[str, np.ndarr
 # --- the benchmark -----------------------------------------------------------------------------------------
 
 def bench_net(config: str, network: str, batches: tuple[int, ...], repeats: int, steps_per_run: int,
-              quick: bool, with_torch: bool, ceiling_gflops: float) -> tuple[list[dict[str, Any]], dict]:
-  """Rows (one per batch and implementation) and the equivalence errors of one network."""
+              quick: bool, with_torch: bool, ceiling_gflops: float,
+              dtype: str = 'float32') -> tuple[list[dict[str, Any]], dict]:
+  """Rows (one per batch and implementation) and the equivalence errors of one network. The equivalence
+  check runs in float32 (for a bfloat16 run: the float32 twin of both networks, same weights)."""
   train_config = load_config(config).train
-  net = make_net(config, network, quick)
-  trainer = TorchTrainer(net, train_config) if with_torch else None
-  checks = check_equivalence(net, trainer, make_batch(net, 2, seed=7)) if with_torch else {}
+  net = make_net(config, network, quick, dtype)
+  trainer = TorchTrainer(net, train_config, dtype) if with_torch else None
+  checks = {}
+  if with_torch:
+    net32 = net if dtype == 'float32' else make_net(config, network, quick)
+    checks = check_equivalence(net32, TorchTrainer(net32, train_config) if net32 is not net else trainer,
+                               make_batch(net, 2, seed=7))
   rows = []
   for batch_size in batches:
     rows += _bench_batch(config, net, trainer, train_config, batch_size, repeats, steps_per_run,
                          ceiling_gflops)
+    common.progress_line(f'{config} {network} batch {batch_size}', rows[-2 if trainer else -1:])
   return rows, checks
 
 
@@ -262,9 +277,10 @@ def _bench_batch(config: str, net: Net, trainer: TorchTrainer | None, train_conf
   state, step = jax_train(net, train_config, steps=10_000)
   rng = jax.random.key(0)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, rng, None).compile()
+  lowered = step.lower(state, batch, rng, None)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  flops = common.xla_flops(compiled)
+  flops = common.xla_flops(lowered)
   holder = {'state': state}
 
   def run_jax():
@@ -285,7 +301,8 @@ def _bench_batch(config: str, net: Net, trainer: TorchTrainer | None, train_conf
   for name, m in common.measure(runs, batch_size * steps_per_run, repeats).items():
     med = m.timing.images_per_second()[0]
     gflops = flops / batch_size * med / 1e9 if flops else None
-    rows.append({'config': config, 'network': net.name, 'batch': batch_size, 'impl': name, **m.row(),
+    rows.append({'config': config, 'network': net.name, 'dtype': jnp.dtype(net.model.dtype).name,
+                 'batch': batch_size, 'impl': name, **m.row(),
                  'compile_s': compile_s if name == 'ours' else None, 'gflop_s': gflops,
                  'frac_of_matmul': common.ratio(gflops, ceiling_gflops),
                  'step_gflop': flops / 1e9 if flops else None})
@@ -306,30 +323,31 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float | None]:
   return {'train_vs_torch': math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None}
 
 
-COLUMNS = ('config', 'network', 'batch', 'impl', 'img_s', 'img_s_range', 'compile_s', 'first_call_s',
+COLUMNS = ('config', 'network', 'dtype', 'batch', 'impl', 'img_s', 'img_s_range', 'compile_s', 'first_call_s',
            'peak_rss_MiB', 'rss_delta_MiB', 'device_peak_MiB', 'gflop_s', 'frac_of_matmul')
 
 
-def run(configs, networks, batches, repeats, steps_per_run, quick, with_torch, matmul_n) -> dict[str, Any]:
+def run(configs, networks, batches, repeats, steps_per_run, quick, with_torch, matmul_n,
+        dtype: str = 'float32') -> dict[str, Any]:
   torch = common.torch_or_none() if with_torch else None
-  ceiling = common.matmul_ceiling_gflops(matmul_n)
+  ceiling = common.matmul_ceiling_gflops(matmul_n, dtype=common.DTYPES[dtype])
   result = {'env': common.environment(), 'rows': [], 'checks': {},
-            'ceiling': {'matmul_n': matmul_n, 'jax_gflop_s': ceiling,
-                        'torch_gflop_s': common.torch_matmul_gflops(matmul_n) if torch else None}}
+            'ceiling': {'matmul_n': matmul_n, 'dtype': dtype, 'jax_gflop_s': ceiling,
+                        'torch_gflop_s': common.torch_matmul_gflops(matmul_n, dtype=dtype) if torch else None}}
   for config in configs:
     for network in networks:
       rows, checks = bench_net(config, network, batches, repeats, steps_per_run, quick, torch is not None,
-                               ceiling)
+                               ceiling, dtype)
       result['rows'] += rows
       result['checks'][f'{config}/{network}'] = checks
-  result['ceiling']['jax_gflop_s_after'] = common.matmul_ceiling_gflops(matmul_n)
+  result['ceiling']['jax_gflop_s_after'] = common.matmul_ceiling_gflops(matmul_n, dtype=common.DTYPES[dtype])
   result['summary'] = summary(result['rows'])
   return result
 
 
 def print_result(result: dict[str, Any]) -> None:
   c = result['ceiling']
-  print(f"matmul ceiling ({c['matmul_n']}^2 f32): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
+  print(f"matmul ceiling ({c['matmul_n']}^2 {c.get('dtype', 'float32')}): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
         f"{c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
   for name, checks in result['checks'].items():
     if checks:
@@ -346,6 +364,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--steps-per-run', type=int, default=3, help='training steps per timed run')
   p.add_argument('--quick', action='store_true', help='tiny networks at 16x16, batch 2, 2 runs of 1 step')
   p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
+  p.add_argument('--dtype', default='float32', choices=tuple(common.DTYPES),
+                 help='compute dtype of the networks (params float32); torch runs under autocast to it')
   p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 2048 CPU, 8192 GPU)')
   p.add_argument('--json', default=None, help='also write the results here')
   return p.parse_args(argv)
@@ -364,7 +384,8 @@ def main(argv=None) -> dict[str, Any]:
   matmul_n = args.matmul_n or (8192 if jax.default_backend() == 'gpu' else 2048)
   if args.quick:
     batches, repeats, steps_per_run, matmul_n = (2,), 2, 1, args.matmul_n or 256
-  result = run(configs, networks, batches, repeats, steps_per_run, args.quick, not args.no_torch, matmul_n)
+  result = run(configs, networks, batches, repeats, steps_per_run, args.quick, not args.no_torch, matmul_n,
+               args.dtype)
   print_result(result)
   common.write_json(args.json, result)
   print(summary_line(result['summary']), flush=True)

@@ -15,6 +15,7 @@ CHOICES = {
     'diffusion.cond_mode': ('cross_attention', 'film', 'both'),
     'sampling.blend_mode': ('hard', 'soft', 'pyramid'),
     'sampling.region_content': ('rendered', 'label'),
+    'train.compute_dtype': ('float32', 'bfloat16'),
 }
 POSITIVE_INTS = (
     'data.image_size', 'vae.teacher_steps', 'vae.student_steps', 'vae.batch_size', 'autoencoder.steps',

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'diffuseg_jax', 'xla')
 
@@ -24,8 +25,11 @@ CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 
 
 def set_xla_flags(environ=os.environ) -> None:
-  """Append CPU_XLA_FLAGS to XLA_FLAGS (each unless already named there). Effective only before JAX's
+  """Append CPU_XLA_FLAGS to XLA_FLAGS (each unless already named there; none when DIFFUSEG_CPU_XLA_FLAGS=0,
+  e.g. for a jaxlib that does not know them: XLA aborts on an unknown flag). Effective only before JAX's
   backends start, i.e. before the first computation or device query."""
+  if environ.get('DIFFUSEG_CPU_XLA_FLAGS', '1') == '0':
+    return
   current = environ.get('XLA_FLAGS', '')
   for flag in CPU_XLA_FLAGS:
     if flag.split('=')[0] not in current:
@@ -43,3 +47,11 @@ def configure() -> None:
       return  # an unwritable cache folder only costs compile time
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(config):
+  """config.train.compute_dtype as a jnp dtype (networks compute in it; params stay float32)."""
+  return COMPUTE_DTYPES[config.train.compute_dtype]

@@ -48,6 +48,18 @@ def test_train_step_harness_runs(capsys):
   assert capsys.readouterr().out.strip().splitlines()[-1].startswith('train_vs_torch=')
 
 
+def test_bf16_subset_of_impls_and_lowered_flops():
+  """--dtype=bfloat16 with --impls=scan: only the scan row, the bf16 UNet, and FLOPs from the lowered program
+  (the same count as float32: cost analysis before backend passes does not depend on the compute dtype)."""
+  args = ['--quick', '--configs=mscmr', '--batches=1', '--steps=1', '--repeats=1', '--matmul-n=64', '--no-torch']
+  f32 = sampler.main(args)['rows'][0]
+  bf16 = sampler.main(args + ['--dtype=bfloat16', '--impls=scan'])['rows']
+  assert [r['impl'] for r in bf16] == ['scan'] and bf16[0]['dtype'] == 'bfloat16' and f32['dtype'] == 'float32'
+  assert bf16[0]['step_gflop'] == pytest.approx(f32['step_gflop'], rel=0.05)
+  with pytest.raises(SystemExit):
+    sampler.main(args + ['--impls=loop'])  # scan always runs
+
+
 def test_summary_ratios_hand_computed():
   rows = [{'config': 'mscmr', 'batch': 16, 'impl': 'scan', 'img_s': 30.0, 'frac_of_matmul': 0.25},
           {'config': 'mscmr', 'batch': 16, 'impl': 'loop', 'img_s': 20.0},

@@ -22,3 +22,28 @@ def test_idempotent():
   once = env['XLA_FLAGS']
   runtime.set_xla_flags(env)
   assert env['XLA_FLAGS'] == once and once.startswith('--xla_force_host_platform_device_count=2 ')
+
+
+def test_opt_out_leaves_xla_flags_alone():
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'DIFFUSEG_CPU_XLA_FLAGS': '0'}
+  runtime.set_xla_flags(env)
+  assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
+
+
+
+def test_compute_dtype_from_config():
+  import jax.numpy as jnp
+  import ml_collections
+  import pytest
+
+  from diffuseg_jax import config_validation
+  from diffuseg_jax.errors import ConfigError
+  from tests.fixtures import default_config
+
+  cfg = ml_collections.ConfigDict({'train': {'compute_dtype': 'bfloat16'}})
+  assert runtime.compute_dtype(cfg) == jnp.bfloat16
+  full = default_config()
+  assert runtime.compute_dtype(full) == jnp.float32  # the default
+  full.train.compute_dtype = 'float16'
+  with pytest.raises(ConfigError, match='compute_dtype'):
+    config_validation.validate(full)

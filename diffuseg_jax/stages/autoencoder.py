@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax import logs, losses
+from diffuseg_jax import logs, losses, runtime
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.models import latent
 from diffuseg_jax.models.autoencoder import build_kl_autoencoder
@@ -28,7 +28,7 @@ from diffuseg_jax.train.state import make_optimizer
 
 def _parts(ctx):
   cfg = ctx.config.autoencoder
-  model = build_kl_autoencoder(cfg, ctx.data.channels)
+  model = build_kl_autoencoder(cfg, ctx.data.channels, runtime.compute_dtype(ctx.config))
   shape = (1, *ctx.data.image_size, ctx.data.channels)
 
   def init_params(key):
@@ -83,7 +83,7 @@ def _unscaled_codec(ctx) -> latent.LatentCodec:
   if cfg.kind == 'identity':
     return latent.identity_codec(ctx.data.channels, 1.0 if cfg.scaling_factor is None else cfg.scaling_factor)
   if cfg.kind == 'pretrained':
-    return latent.build_codec(cfg, ctx.data.channels)
+    return latent.build_codec(cfg, ctx.data.channels, dtype=runtime.compute_dtype(ctx.config))
   model, init_params, tx = _parts(ctx)
   abstract = train_init.abstract_train_state(init_params, ctx.rng('autoencoder'), tx, ctx.config.train.ema_decay)
   ema_params = train_init.restore_final_ema_params(ctx.checkpoint_dir('autoencoder'), abstract, ctx.mesh,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax import losses
+from diffuseg_jax import losses, runtime
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.models.cond_unet import build_cond_unet
 from diffuseg_jax.sampling import schedules
@@ -46,7 +46,8 @@ def _parts(ctx):
     def init_params(key):
       return diffusers_adapter.init_pretrained_cond_unet(model, unet_params, key)['params']
   else:
-    model = build_cond_unet(cfg, channels=codec.latent_channels, cond_dim=cond_dim)
+    model = build_cond_unet(cfg, channels=codec.latent_channels, cond_dim=cond_dim,
+                            dtype=runtime.compute_dtype(ctx.config))
 
     def init_params(key):
       return model.init(key, jnp.zeros(shape), jnp.zeros((1,), jnp.int32), jnp.zeros((1, cond_dim)),

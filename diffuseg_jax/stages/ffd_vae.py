@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from diffuseg_jax import losses
+from diffuseg_jax import losses, runtime
 from diffuseg_jax.models.ffd_vae import build_ffd_vae
 from diffuseg_jax.train import init as train_init
 from diffuseg_jax.train.state import make_optimizer
@@ -21,7 +21,8 @@ ROLES = {'teacher': 'teacher_steps', 'student': 'student_steps'}
 
 def build_model(ctx):
   data = ctx.data
-  return build_ffd_vae(ctx.config.vae, num_classes=data.num_classes, channels=data.channels)
+  return build_ffd_vae(ctx.config.vae, num_classes=data.num_classes, channels=data.channels,
+                       dtype=runtime.compute_dtype(ctx.config))
 
 
 def _init_params(model, image_shape, key):

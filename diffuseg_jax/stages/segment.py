@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax import logs, losses
+from diffuseg_jax import logs, losses, runtime
 from diffuseg_jax.config_validation import parse_strategies
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.seg_unet import build_seg_unet
@@ -62,7 +62,7 @@ def training_arrays(ctx, strategy: str) -> dict[str, np.ndarray]:
 
 def _parts(ctx, seed: int):
   cfg = ctx.config.segmentation
-  model = build_seg_unet(cfg, ctx.data.num_classes)
+  model = build_seg_unet(cfg, ctx.data.num_classes, runtime.compute_dtype(ctx.config))
   shape = (1, *ctx.data.image_size, ctx.data.channels)
 
   def init_params(key):

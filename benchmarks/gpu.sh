@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU benchmark set of benchmarks/RESULTS.md, one process per part (a part that fails or runs out of time
+# does not lose the others' results):
+#
+#   bash benchmarks/gpu.sh OUTDIR [SECONDS_PER_PART]
+#   PARTS="train_f32 train_bf16" bash benchmarks/gpu.sh OUTDIR   # a subset
+#
+#   1. sampler, config (b) mscmr, float32, batch 1/16/64/256: scan vs Python loop vs PyTorch (small batches
+#      show what one XLA program per trajectory saves over a host round trip per step);
+#   2. sampler, config (b), bfloat16 compute, batch 64/256/512: scan vs PyTorch under autocast, against the
+#      card's bfloat16 matmul ceiling measured in the same process;
+#   3. training steps of the mscmr networks, float32 then bfloat16, batch 64/256, ours vs PyTorch.
+# Each part writes OUTDIR/<part>.json and OUTDIR/<part>.log.
+set -u
+out=${1:?usage: bash benchmarks/gpu.sh OUTDIR [SECONDS_PER_PART]}
+limit=${2:-300}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# JAX preallocates 75 % of GPU memory by default; PyTorch runs in the same process.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
+python=${PYTHON:-python}
+
+parts=" ${PARTS:-sampler_f32 sampler_bf16 train_f32 train_bf16} "
+
+part() {
+  local name=$1; shift
+  [[ $parts == *" $name "* ]] || return 0
+  echo "== $name: $*"
+  timeout "$limit" "$python" "$@" --json="$out/$name.json" 2>&1 | tee "$out/$name.log" | grep -v "^WARNING\|^I0000\|^W0000"
+  echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+part sampler_f32 -m benchmarks.sampler --configs=mscmr --batches=1,16,64,256 --repeats=5
+part sampler_bf16 -m benchmarks.sampler --configs=mscmr --batches=64,256,512 --impls=scan,torch --dtype=bfloat16 \
+  --repeats=5
+part train_f32 -m benchmarks.train_step --configs=mscmr --batches=64,256 --repeats=5
+part train_bf16 -m benchmarks.train_step --configs=mscmr --batches=64,256 --repeats=5 --dtype=bfloat16

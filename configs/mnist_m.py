@@ -3,7 +3,7 @@
   python -m diffuseg_jax.main --config=configs/mnist_m.py --workdir=runs/mnist_m  # full
   python -m diffuseg_jax.main --config=configs/mnist_m.py:quick --workdir=runs/mnist_m_quick  # quick
 
-The full run took 23 min on an idle 2-core CPU (fresh clone, install included); quick is the same pipeline
+The full run took 25 min on an idle 2-core CPU (fresh clone, install included); quick is the same pipeline
 with fewer steps and smaller batches.
 Pixel-space diffusion (autoencoder.kind='identity') on 32x32x3 images: at this size a latent autoencoder
 would only lose detail. Networks are sized so that the whole pipeline trains on a laptop CPU; on a GPU raise
@@ -41,14 +41,14 @@ def get_config(variant: str | None = None):
     c.data.num_source = 1000
     c.data.num_target = 1000
     c.data.num_test = 300
-    c.vae.teacher_steps = 150
-    c.vae.student_steps = 150
+    c.vae.teacher_steps = 120
+    c.vae.student_steps = 120
     c.vae.batch_size = 32
     c.diffusion.steps = 300
     c.diffusion.batch_size = 16
     c.sampling.num_steps = 20
     c.sampling.num_masks = 256
-    c.segmentation.steps = 150
+    c.segmentation.steps = 120
     c.segmentation.batch_size = 32
     c.segmentation.seeds = (0,)
     c.segmentation.strategies = 'transfer,self,diffuseg'

@@ -6,6 +6,7 @@ compile time, not compute, is what these tests spend.
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -398,3 +399,31 @@ def test_build_codec():
   assert (codec.kind, codec.downsample, codec.latent_channels, codec.scaling_factor) == ('kl', 2, 2, 1.0)
   cfg.kind, cfg.scaling_factor = 'identity', 0.5
   assert latent.build_codec(cfg, 3).scaling_factor == 0.5
+
+
+@pytest.mark.parametrize('shape,groups', [((2, 8, 8, 16), 8), ((3, 5, 12), 4), ((2, 4, 4, 6), 6)])
+def test_group_norm_matches_flax_and_numpy(shape, groups):
+  """layers.GroupNorm (matmul statistics) == flax.linen.GroupNorm == a numpy reference; same params."""
+  rng = np.random.default_rng(0)
+  x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)  # non-zero mean: tests E[x^2] - E[x]^2
+  c = shape[-1]
+  params = {'params': {'scale': (1 + 0.1 * rng.standard_normal(c)).astype(np.float32),
+                       'bias': (0.1 * rng.standard_normal(c)).astype(np.float32)}}
+  ours = layers.GroupNorm(num_groups=groups)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
+  got = np.asarray(ours.apply(params, x))
+  flax_out = np.asarray(nn.GroupNorm(num_groups=groups, epsilon=1e-5).apply(params, x))
+  xg = x.reshape(shape[0], -1, groups, c // groups).astype(np.float64)
+  mean = xg.mean(axis=(1, 3), keepdims=True)
+  var = xg.var(axis=(1, 3), keepdims=True)
+  ref = ((xg - mean) / np.sqrt(var + 1e-5)).reshape(shape) * params['params']['scale'] + params['params']['bias']
+  np.testing.assert_allclose(got, ref, atol=2e-5)
+  np.testing.assert_allclose(got, flax_out, atol=2e-5)
+  g_ours = jax.grad(lambda x: jnp.sum(jnp.sin(ours.apply(params, x))))(x)
+  g_flax = jax.grad(lambda x: jnp.sum(jnp.sin(nn.GroupNorm(num_groups=groups, epsilon=1e-5).apply(params, x))))(x)
+  np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_flax), atol=1e-4)
+  bf16 = layers.GroupNorm(num_groups=groups, dtype=jnp.bfloat16).apply(params, x)
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf16, np.float32), ref, atol=3e-2)
+  with pytest.raises(ConfigError):
+    layers.GroupNorm(num_groups=5).init(jax.random.key(0), x)

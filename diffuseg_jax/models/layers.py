@@ -24,9 +24,44 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   raise ConfigError(f'channel count must be positive, got {channels}')
 
 
-def group_norm(channels: int, dtype, name: str) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """GroupNorm of x [B, ..., C] over all axes but the batch, C split into `num_groups` groups -> x's shape in
+  `dtype`.
+
+  The same parameters ('scale', 'bias': [C] float32) and arithmetic as flax.linen.GroupNorm (float32
+  statistics, variance as E[x^2] - E[x]^2 clipped at 0), so checkpoints are interchangeable. The per-group
+  sums are [N, C] x [C, G] matmuls with a 0/1 membership matrix instead of reductions over a reshaped
+  tensor: XLA CPU compiles the latter into slow reduction loops. Measured on 2 CPU cores, GroupNorm + SiLU
+  at [16, 128, 128, 16]: forward 25 -> 3 ms, backward 37 -> 8 ms; at [16, 64, 64, 64]: 6.0 -> 5.3 ms and
+  24 -> 7.7 ms. Matmuls run at HIGHEST precision, so GPUs do not use TF32 for the statistics.
+  """
+
+  num_groups: int
+  epsilon: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, c, g = x.shape[0], x.shape[-1], self.num_groups
+    if c % g:
+      raise ConfigError(f'GroupNorm: {c} channels do not split into {g} groups')
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    flat = x.astype(jnp.float32).reshape(b, -1, c)  # [B, N, C]
+    member = (jnp.arange(c)[:, None] // (c // g) == jnp.arange(g)[None, :]).astype(jnp.float32)  # [C, G]
+    count = flat.shape[1] * (c // g)
+    hi = jax.lax.Precision.HIGHEST
+    mean = jnp.einsum('bnc,cg->bg', flat, member, precision=hi) / count
+    mean_sq = jnp.einsum('bnc,cg->bg', flat * flat, member, precision=hi) / count
+    inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)  # [B, G]
+    a = jnp.einsum('bg,cg->bc', inv, member, precision=hi) * scale  # [B, C]
+    shift = bias - jnp.einsum('bg,cg->bc', mean, member, precision=hi) * a
+    return (flat * a[:, None, :] + shift[:, None, :]).reshape(x.shape).astype(self.dtype)
+
+
+def group_norm(channels: int, dtype, name: str) -> GroupNorm:
   """GroupNorm with `num_groups(channels)` groups; statistics are computed in float32 even for bf16."""
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
+  return GroupNorm(num_groups=num_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
 
 
 def conv3x3(features: int, dtype, name: str, strides: int = 1, zero_init: bool = False) -> nn.Conv:

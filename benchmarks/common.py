@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffuseg_jax import runtime
+
 
 def prepare_process() -> None:
   """Process settings chosen before torch is first imported and before JAX starts its backends (each
@@ -38,8 +40,6 @@ def prepare_process() -> None:
   (0.15-0.43 s vs 0.013 s). Set OMP_WAIT_POLICY=ACTIVE to measure torch with spinning.
   """
   os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-  from diffuseg_jax import runtime
-
   runtime.set_xla_flags()  # the XLA CPU flags the pipeline runs with (diffuseg_jax/runtime.py)
 
 
@@ -175,7 +175,7 @@ def xla_flops(program) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = runtime.COMPUTE_DTYPES  # the pipeline's train.compute_dtype choices
 
 
 def matmul_ceiling_gflops(n: int, repeats: int = 5, dtype: Any = jnp.float32) -> float:

@@ -6,8 +6,9 @@ leading dimension = the per-process batch size, ready for `jax.make_array_from_p
 
 Multi-host: each process reads only its own rows, so a global batch is the concatenation of the
 process-local batches. Training shards rows round-robin (`process_index::process_count`, so every shard
-sees every part of the data, e.g. sorted classes); evaluation shards contiguous blocks (`shard_rows`), so
-that predictions gathered in process order come back in dataset order.
+sees every part of the data, e.g. sorted classes; with fewer rows than processes, every process reads all
+of them); evaluation shards contiguous blocks (`shard_rows`), so that predictions gathered in process
+order come back in dataset order.
 
 Determinism: shuffling and augmentation are pure functions of (seed, process, epoch, position), so an
 iterator restored with `set_iterator_state` into a fresh pipeline built with the same arguments yields
@@ -99,36 +100,54 @@ def train_iterator(
     process_count: int | None = None,
     augment: bool = False,
 ) -> grain.DatasetIterator:
-  """Infinite, checkpointable iterator of this process's training batches.
+  """Infinite, checkpointable iterator of this process's training batches, from a split of any size >= 1.
 
   Args:
-    arrays: key -> array [N, ...] (all with the same N), e.g. 'image' [N, H, W, C] and 'label' [N, H, W].
+    arrays: key -> array [N, ...] (all with the same N >= 1), e.g. 'image' [N, H, W, C] and
+      'label' [N, H, W].
     global_batch_size: batch size summed over processes; each process yields
-      global_batch_size // process_count rows per batch.
+      global_batch_size // process_count rows per batch. It may exceed N (see below).
     seed: shuffling / augmentation seed. Every epoch of the process's shard is reshuffled (seed folded with
-      the epoch) and its last incomplete batch dropped.
+      the epoch).
     process_index, process_count: this process and how many there are (default: from jax). Process p
-      reads rows p::process_count.
+      reads rows p::process_count; if N < process_count (so that some of those shards would be empty),
+      every process reads all N rows instead, each in its own shuffled order.
     augment: random rot90 (square images only) and horizontal/vertical flips, applied identically to every
-      key whose records are [H, W, ...] with the image's (H, W); seeded per record and epoch.
+      key whose records are [H, W, ...] with the image's (H, W); seeded per record position in the
+      stream, so a row repeated in another epoch gets an independent transform.
+
+  Two constructions, chosen once for all processes (epochs repeated and reshuffled, never sampling with
+  replacement):
+  - Every shard holds at least one per-process batch (N // process_count >= per-process batch):
+    `range(shard).shuffle.map(gather)[.random_map].batch(drop_remainder=True).repeat()`: each epoch is a
+    fresh permutation of the shard, cut into whole batches, its last incomplete batch dropped.
+  - Otherwise (a small split): `range(shard).shuffle.map(gather)[.random_map].repeat().batch()`:
+    successive reshuffled epochs of the shard are concatenated into one endless stream of records and
+    cut into full batches, so a batch may span several epochs and hold a row more than once; nothing is
+    dropped. The user never has to lower the batch size.
+  Both are index-based grain MapDatasets, so the iterator state is {'next_index': batches yielded} either
+  way (the first construction is the one every earlier version used: its batches and checkpoints are
+  unchanged).
 
   Returns:
     A grain DatasetIterator of dicts {key: [global_batch_size // process_count, ...]} (numpy, dtypes kept);
     see `get_iterator_state` / `set_iterator_state`.
+
+  Raises:
+    DataError: the split has no rows.
+    ConfigError: global_batch_size is not a positive multiple of process_count.
   """
   index, count = _process(process_index, process_count)
   num_rows = _num_rows(arrays)
+  if num_rows == 0:
+    raise DataError('the training split is empty (0 rows): there is nothing to train on')
   if global_batch_size < 1 or global_batch_size % count:
     raise ConfigError(
         f'batch size {global_batch_size} must be a positive multiple of the number of processes ({count})')
   batch_size = global_batch_size // count
-  smallest_shard = num_rows // count
-  if batch_size > smallest_shard:
-    raise ConfigError(
-        f'batch size {global_batch_size} ({batch_size} per process x {count}) is larger than the data: '
-        f'{num_rows} rows give {smallest_shard} per process; lower the batch size')
+  whole_epochs = batch_size <= num_rows // count  # every shard holds a batch: the original construction
 
-  rows = np.arange(index, num_rows, count)
+  rows = np.arange(index, num_rows, count) if num_rows >= count else np.arange(num_rows)
 
   def gather(i: int) -> Batch:
     row = rows[i]
@@ -139,7 +158,10 @@ def train_iterator(
     keys, hw = _spatial_keys(arrays)
     if keys:
       ds = ds.random_map(_make_augment(keys, hw), seed=_derive_seed(seed, index, 1))
-  ds = ds.batch(batch_size, drop_remainder=True).repeat()
+  if whole_epochs:
+    ds = ds.batch(batch_size, drop_remainder=True).repeat()
+  else:
+    ds = ds.repeat().batch(batch_size, drop_remainder=True)
   return iter(ds.to_iter_dataset(READ_OPTIONS))
 
 

@@ -31,7 +31,7 @@ def main(argv=None) -> dict[str, float | None]:
   t = train_step.main(common_args + json_arg('train_step.json'))['summary']
   values = {'sampler_vs_torch': s['sampler_vs_torch'], 'train_vs_torch': t['train_vs_torch'],
             'scan_vs_loop': s['scan_vs_loop'], 'matmul_frac': s['matmul_frac']}
-  print(sampler.summary_line(values), flush=True)
+  print(common.summary_line(values), flush=True)
   return values
 
 

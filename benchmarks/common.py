@@ -7,6 +7,7 @@ hits every implementation alike; each run ends with a blocking wait for its resu
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -343,3 +344,66 @@ def host_params(init_fn: Callable[[jax.Array], Any], seed: int = 0):
 
 def param_count(params) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+# --- the harness shared by sampler.py and train_step.py -----------------------------------------------------
+
+def add_harness_args(p: argparse.ArgumentParser) -> None:
+  """Options every harness takes: repeats, quick, no-torch, dtype, matmul-n, json."""
+  p.add_argument('--repeats', type=int, default=5, help='timed runs per implementation (after a warm-up)')
+  p.add_argument('--quick', action='store_true', help='tiny networks, batch 2, 2 runs (what the smoke test runs)')
+  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
+  p.add_argument('--dtype', default='float32', choices=tuple(DTYPES),
+                 help='compute dtype of the networks (params float32); torch runs under autocast to it')
+  p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 2048 CPU, 8192 GPU)')
+  p.add_argument('--json', default=None, help='also write the results here')
+
+
+def matmul_n(args: argparse.Namespace) -> int:
+  """The matmul ceiling's n: --matmul-n, else 256 for --quick, 8192 on GPU, 2048 otherwise."""
+  if args.matmul_n:
+    return args.matmul_n
+  if args.quick:
+    return 256
+  return 8192 if jax.default_backend() == 'gpu' else 2048
+
+
+def new_result(n: int, dtype: str, torch) -> dict[str, Any]:
+  """The result skeleton: environment, empty rows and checks, and the matmul ceilings measured now."""
+  return {'env': environment(), 'rows': [], 'checks': {},
+          'ceiling': {'matmul_n': n, 'dtype': dtype, 'jax_gflop_s': matmul_ceiling_gflops(n, dtype=DTYPES[dtype]),
+                      'torch_gflop_s': torch_matmul_gflops(n, dtype=dtype) if torch else None}}
+
+
+def finish_result(result: dict[str, Any], summary: Callable[[list[dict[str, Any]]], dict]) -> dict[str, Any]:
+  """The ceiling measured again after the run (it drifts on a busy machine) and the summary values."""
+  c = result['ceiling']
+  c['jax_gflop_s_after'] = matmul_ceiling_gflops(c['matmul_n'], dtype=DTYPES[c['dtype']])
+  result['summary'] = summary(result['rows'])
+  return result
+
+
+def summary_line(values: dict[str, float | None]) -> str:
+  return ' '.join(f'{k}={"n/a" if v is None else f"{v:.3f}"}' for k, v in values.items())
+
+
+def report(result: dict[str, Any], columns: Sequence[str], check_name: str, json_path: str | None) -> None:
+  """Prints the ceilings, the equivalence checks, the table and (last) the summary line; writes the json."""
+  c = result['ceiling']
+  print(f"matmul ceiling ({c['matmul_n']}^2 {c.get('dtype', 'float32')}): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
+        f"{c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
+  for name, checks in result['checks'].items():
+    if checks:
+      print(f'{name}: {check_name} == ours: ' + ', '.join(f'{k}={v:.1e}' for k, v in checks.items()))
+  print(format_table(result['rows'], columns))
+  write_json(json_path, result)
+  print(summary_line(result['summary']), flush=True)
+
+
+def names(value: str, choices: Sequence[str], what: str) -> tuple[str, ...]:
+  """A comma-separated option (e.g. --configs) as a tuple of names from `choices`; exits on an unknown one."""
+  picked = tuple(v for v in value.split(',') if v)
+  bad = [v for v in picked if v not in choices]
+  if bad or not picked:
+    raise SystemExit(f'error: unknown {what} {bad}; choose from {list(choices)}')
+  return picked

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -34,21 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from diffuseg_jax.config_files import load_sibling
+from diffuseg_jax.config_files import load_config
 from diffuseg_jax.models.cond_unet import CondUNet, build_cond_unet
 from diffuseg_jax.sampling import sampler, schedules
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 CONFIGS = ('mnist_m', 'mscmr')
 LABELS = {'mnist_m': '(a) MNIST-M pixel 32x32x3', 'mscmr': '(b) cardiac latent 32x32x4 (128^2 images)'}
 SUMMARY_CASE = ('mscmr', 16)  # the config and batch of the one-line summary
 IMPLS = ('scan', 'loop', 'torch')
 MNIST_M_CHANNELS = 3  # MNIST-M images are RGB; pixel-space diffusion (autoencoder.kind='identity')
-
-
-def load_config(name: str):
-  """configs/<name>.py's get_config()."""
-  return load_sibling(os.path.join(CONFIG_DIR, 'default.py'), f'{name}.py').get_config()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +55,9 @@ class Case:
   alphas_cumprod: np.ndarray  # float32 [T]
 
 
-def make_case(name: str, steps: int, quick: bool = False, dtype: str = 'float32') -> Case:
-  """The case of configs/<name>.py; `quick` shrinks the network and latents to a seconds-long smoke size;
-  `dtype` is the UNet's compute dtype (train.compute_dtype; params stay float32)."""
+def case_config(name: str, quick: bool = False):
+  """(configs/<name>.py, latent shape [h, w, C] of its denoiser); `quick` shrinks the network and latents to a
+  seconds-long smoke size (the train-step benchmark builds its diffusion task from the same pair)."""
   cfg = load_config(name)
   if cfg.autoencoder.kind == 'identity':
     h = w = int(cfg.data.image_size)
@@ -79,6 +72,13 @@ def make_case(name: str, steps: int, quick: bool = False, dtype: str = 'float32'
     cfg.diffusion.attention_levels = (1,)
     cfg.diffusion.num_heads = 2
     h = w = 8
+  return cfg, (h, w, c)
+
+
+def make_case(name: str, steps: int, quick: bool = False, dtype: str = 'float32') -> Case:
+  """The case of configs/<name>.py (see `case_config`); `dtype` is the UNet's compute dtype
+  (train.compute_dtype; params stay float32)."""
+  cfg, (h, w, c) = case_config(name, quick)
   cfg.sampling.num_steps = steps
   model = build_cond_unet(cfg.diffusion, channels=c, cond_dim=int(cfg.vae.z_dom_dim), dtype=common.DTYPES[dtype])
   d = cfg.diffusion
@@ -340,32 +340,14 @@ def run(configs: tuple[str, ...], batches: tuple[int, ...], steps: int, repeats:
   is measured in `dtype` (the UNet's compute dtype)."""
   torch = common.torch_or_none() if with_torch else None
   impls = tuple(i for i in impls if i != 'torch' or torch is not None)
-  ceiling = common.matmul_ceiling_gflops(matmul_n, dtype=common.DTYPES[dtype])
-  result = {'env': common.environment(), 'rows': [], 'checks': {},
-            'ceiling': {'matmul_n': matmul_n, 'dtype': dtype, 'jax_gflop_s': ceiling,
-                        'torch_gflop_s': common.torch_matmul_gflops(matmul_n, dtype=dtype) if torch else None}}
+  result = common.new_result(matmul_n, dtype, torch)
+  ceiling = result['ceiling']['jax_gflop_s']
   for name in configs:
     case = make_case(name, steps, quick, dtype)
     rows, checks = bench_case(case, batches, repeats, impls, ceiling)
     result['rows'] += rows
     result['checks'][name] = checks
-  result['ceiling']['jax_gflop_s_after'] = common.matmul_ceiling_gflops(matmul_n, dtype=common.DTYPES[dtype])
-  result['summary'] = summary(result['rows'])
-  return result
-
-
-def print_result(result: dict[str, Any]) -> None:
-  c = result['ceiling']
-  print(f"matmul ceiling ({c['matmul_n']}^2 {c.get('dtype', 'float32')}): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
-        f"{c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
-  for name, checks in result['checks'].items():
-    if checks:
-      print(f'{name}: torch reference == ours: ' + ', '.join(f'{k}={v:.1e}' for k, v in checks.items()))
-  print(common.format_table(result['rows'], COLUMNS))
-
-
-def summary_line(values: dict[str, float | None]) -> str:
-  return ' '.join(f'{k}={"n/a" if v is None else f"{v:.3f}"}' for k, v in values.items())
+  return common.finish_result(result, summary)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -373,34 +355,23 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--configs', default=','.join(CONFIGS), help='comma-separated subset of mnist_m,mscmr')
   p.add_argument('--batches', default='1,16,64')
   p.add_argument('--steps', type=int, default=50, help='DDIM steps')
-  p.add_argument('--repeats', type=int, default=5, help='timed runs per implementation (after a warm-up)')
-  p.add_argument('--quick', action='store_true', help='tiny network, 8x8 latents, 2 steps, batch 2, 2 runs')
-  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
   p.add_argument('--impls', default=','.join(IMPLS), help='comma-separated subset of scan,loop,torch')
-  p.add_argument('--dtype', default='float32', choices=tuple(common.DTYPES),
-                 help='UNet compute dtype (params float32); torch runs under autocast to it')
-  p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 2048 CPU, 8192 GPU)')
-  p.add_argument('--json', default=None, help='also write the results here')
+  common.add_harness_args(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, Any]:
   common.prepare_process()
   args = parse_args(argv)
-  configs = tuple(c for c in args.configs.split(',') if c)
-  impls = tuple(i for i in args.impls.split(',') if i)
-  bad = [c for c in configs if c not in CONFIGS] + [i for i in impls if i not in IMPLS]
-  if bad or 'scan' not in impls:
-    raise SystemExit(f'error: unknown {bad} (configs: {list(CONFIGS)}, impls: {list(IMPLS)}, scan always runs)')
-  batches = tuple(int(b) for b in args.batches.split(','))
-  steps, repeats = args.steps, args.repeats
-  matmul_n = args.matmul_n or (8192 if jax.default_backend() == 'gpu' else 2048)
-  if args.quick:
-    batches, steps, repeats, matmul_n = (2,), 2, 2, args.matmul_n or 256
-  result = run(configs, batches, steps, repeats, args.quick, not args.no_torch, matmul_n, args.dtype, impls)
-  print_result(result)
-  common.write_json(args.json, result)
-  print(summary_line(result['summary']), flush=True)
+  configs, impls = common.names(args.configs, CONFIGS, 'configs'), common.names(args.impls, IMPLS, 'impls')
+  if 'scan' not in impls:
+    raise SystemExit('error: --impls must include scan (the sampler every other one is compared with)')
+  batches, steps, repeats = tuple(int(b) for b in args.batches.split(',')), args.steps, args.repeats
+  if args.quick:  # tiny network, 8x8 latents, 2 steps
+    batches, steps, repeats = (2,), 2, 2
+  result = run(configs, batches, steps, repeats, args.quick, not args.no_torch, common.matmul_n(args), args.dtype,
+               impls)
+  common.report(result, COLUMNS, 'torch reference', args.json)
   return result
 
 

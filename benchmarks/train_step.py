@@ -4,16 +4,17 @@
   python -m benchmarks.train_step --quick            # tiny networks, seconds (what the smoke test runs)
   python -m benchmarks.train_step --configs=mscmr --batches=16 --networks=diffusion
 
-Networks (sizes from configs/mnist_m.py and configs/mscmr.py):
-  teacher    FFD-VAE teacher step (stages/ffd_vae.teacher_step): CE + Dice + L2 reconstruction + beta KL;
-  diffusion  eps-prediction UNet step (stages/diffusion.diffusion_step) on the config's latents + z_dom;
-  segment    segmentation UNet step (stages/segment.seg_step): CE + Dice.
-Ours: the stage's step function under jax.jit with the state donated, TrainState (AdamW from
-train/state.make_optimizer: global-norm clipping, warm-up/cosine schedule, weight decay) and EMA, exactly what
-the training loop compiles (single device). PyTorch: the same architecture (benchmarks/torch_mirror.py) with
-our initial weights copied in, torch.optim.AdamW (same betas/eps/weight decay), clip_grad_norm_ and an EMA
-update (constant learning rate: a schedule costs nothing measurable). Before timing, the loss and the
-gradient norm of both are checked equal on one batch (posterior means instead of samples for the FFD-VAE).
+Networks (sizes from configs/mnist_m.py and configs/mscmr.py), each the stage's own task declaration:
+  teacher    FFD-VAE teacher (stages/teacher.task): CE + Dice + L2 reconstruction + beta KL;
+  diffusion  eps-prediction UNet (stages/diffusion.task) on the config's latents + z_dom;
+  segment    segmentation UNet (stages/segment.task): CE + Dice.
+Ours: the task's `loss_fn` through the generic `train.task.train_step` under jax.jit with the state donated,
+TrainState with the task's optimiser (AdamW from train/state.make_optimizer: global-norm clipping,
+warm-up/cosine schedule, weight decay) and EMA, exactly what the training loop compiles (single device).
+PyTorch: the same architecture (benchmarks/torch_mirror.py) with our initial weights copied in,
+torch.optim.AdamW (same betas/eps/weight decay), clip_grad_norm_ and an EMA update (constant learning rate: a
+schedule costs nothing measurable). Before timing, the loss and the gradient norm of both are checked equal on
+one batch (posterior means instead of samples for the FFD-VAE).
 The last printed line is `train_vs_torch=...`: the geometric mean over the networks of ours/torch images/s
 for config (b) mscmr, batch 16.
 """
@@ -25,7 +26,6 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,15 +34,13 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from benchmarks.sampler import init_params, load_config, make_case, summary_line
-from diffuseg_jax import losses
-from diffuseg_jax.models.ffd_vae import build_ffd_vae
-from diffuseg_jax.models.seg_unet import build_seg_unet
+from benchmarks.sampler import case_config
+from diffuseg_jax.config_files import load_config
+from diffuseg_jax.data import DataSpec
 from diffuseg_jax.sampling import schedules
-from diffuseg_jax.stages import diffusion as diffusion_stage
-from diffuseg_jax.stages import ffd_vae as ffd_vae_stage
-from diffuseg_jax.stages import segment as segment_stage
-from diffuseg_jax.train.state import TrainState, make_optimizer
+from diffuseg_jax.stages import diffusion, segment, teacher
+from diffuseg_jax.train.state import TrainState
+from diffuseg_jax.train.task import Task, train_step
 
 CONFIGS = ('mnist_m', 'mscmr')
 NETWORKS = ('teacher', 'diffusion', 'segment')
@@ -52,53 +50,48 @@ DATA = {'mnist_m': {'channels': 3, 'num_classes': 2}, 'mscmr': {'channels': 1, '
 
 @dataclasses.dataclass
 class Net:
-  """One network of one config: linen module, initial params, the stage step (unjitted), hyper-parameters."""
+  """One network of one config: the pipeline's task for it, initial params, hyper-parameters."""
 
   name: str
-  model: Any
+  task: Task
   params: Any
-  step_fn: Callable  # (state, batch, rng, frozen) -> (state, metrics)
-  learning_rate: float
+  learning_rate: float  # the torch mirror's (constant) learning rate: the peak of ours
   image: tuple[int, int, int]  # [H, W, C] of the network input (latent shape for diffusion)
   num_classes: int
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def model(self):
+    return self.task.model
 
 
 def make_net(config: str, network: str, quick: bool = False, dtype: str = 'float32') -> Net:
   """`dtype`: the network's compute dtype (train.compute_dtype); params (and the initial values) are the same
   float32 ones for every dtype."""
-  cfg = load_config(config)
-  dt = common.DTYPES[dtype]
-  data = DATA[config]
+  if network not in NETWORKS:
+    raise ValueError(f'unknown network {network!r}; choose from {NETWORKS}')
+  cfg, latent = case_config(config, quick)
+  cfg.train.compute_dtype = dtype
   size = 16 if quick else int(cfg.data.image_size)
-  c, k = data['channels'], data['num_classes']
+  spec = DataSpec((size, size), DATA[config]['channels'], DATA[config]['num_classes'])
+  extra = {}
   if network == 'teacher':
     if quick:
       cfg.vae.base_channels = 8
-    model = build_ffd_vae(cfg.vae, num_classes=k, channels=c, dtype=dt)
-    params = common.host_params(
-        lambda k: model.init({'params': k, 'latent': k}, jnp.zeros((1, size, size, c)))['params'])
-    step = functools.partial(ffd_vae_stage.teacher_step, model, cfg.vae, k)
-    return Net(network, model, params, step, float(cfg.vae.learning_rate), (size, size, c), k,
-               {'beta': float(cfg.vae.beta), 'seg_weight': float(cfg.vae.seg_weight)})
-  if network == 'diffusion':
-    case = make_case(config, steps=1, quick=quick, dtype=dtype)
-    h, w, lc = case.latent
-    params = init_params(case)
-    alphas = jnp.asarray(case.alphas_cumprod)
-    dropout = float(cfg.diffusion.cond_dropout)
-    step = functools.partial(diffusion_stage.diffusion_step, case.model, dropout, alphas)
-    return Net(network, case.model, params, step, float(cfg.diffusion.learning_rate), case.latent, k,
-               {'alphas_cumprod': case.alphas_cumprod, 'cond_dropout': dropout})
-  if network == 'segment':
+    task, image, lr = teacher.task(cfg, spec), spec.image_shape, cfg.vae.learning_rate
+    extra = {'vae': cfg.vae, 'beta': float(cfg.vae.beta), 'seg_weight': float(cfg.vae.seg_weight)}
+  elif network == 'diffusion':
+    task, image, lr = diffusion.task(cfg, latent), latent, cfg.diffusion.learning_rate
+    d = cfg.diffusion
+    extra = {'alphas_cumprod': schedules.make_schedule(d.schedule, d.num_timesteps, d.beta_start,
+                                                       d.beta_end).alphas_cumprod,
+             'cond_dropout': float(d.cond_dropout)}
+  else:
     if quick:
       cfg.segmentation.base_channels = 4
       cfg.segmentation.levels = 2
-    model = build_seg_unet(cfg.segmentation, k, dt)
-    params = common.host_params(lambda k: model.init(k, jnp.zeros((1, size, size, c)))['params'])
-    step = functools.partial(segment_stage.seg_step, model, k)
-    return Net(network, model, params, step, float(cfg.segmentation.learning_rate), (size, size, c), k)
-  raise ValueError(f'unknown network {network!r}; choose from {NETWORKS}')
+    task, image, lr = segment.task(cfg, spec, 'transfer', 0), spec.image_shape, cfg.segmentation.learning_rate
+  return Net(network, task, common.host_params(task.init_params), float(lr), image, spec.num_classes, extra)
 
 
 def make_batch(net: Net, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -113,28 +106,23 @@ def make_batch(net: Net, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 # --- ours --------------------------------------------------------------------------------------------------
 
-def jax_train(net: Net, train_config, steps: int):
-  """(state, jitted step with the state donated), as train/loop.fit compiles it on one device. The state owns
-  copies of net.params: donation deletes the state's buffers (on GPUs; XLA CPU ignores donation)."""
-  tx = make_optimizer(net.learning_rate, steps, train_config)
+def jax_train(net: Net, train_config):
+  """(state, jitted step with the state donated), as the training loop compiles the task on one device. The
+  state owns copies of net.params: donation deletes the state's buffers (on GPUs; XLA CPU ignores donation)."""
+  del train_config  # the task carries its optimiser and EMA decay
   params = jax.tree.map(jnp.copy, net.params)
-  state = jax.device_put(TrainState.create(params, tx, float(train_config.ema_decay)))
-  return state, jax.jit(net.step_fn, donate_argnums=0)
+  state = jax.device_put(TrainState.create(params, net.task.optimizer, net.task.ema_decay))
+  return state, jax.jit(functools.partial(train_step, net.task.loss_fn), donate_argnums=0)
 
 
 def jax_loss(net: Net, params, batch: dict[str, jax.Array], fixed: dict[str, jax.Array]) -> jax.Array:
-  """The step's loss with its randomness fixed (t, noise, drop from `fixed`; FFD-VAE posterior means)."""
+  """The task's loss with its randomness fixed (t, noise, drop from `fixed`; FFD-VAE posterior means)."""
   if net.name == 'teacher':
-    out = net.model.apply({'params': params}, batch['image'], sample=False)
-    return losses.teacher_loss(out, batch['image'], batch['label'], num_classes=net.num_classes,
-                               beta=net.extra['beta'], seg_weight=net.extra['seg_weight'])[0]
+    return teacher.loss_fn(net.model, net.extra['vae'], params, batch, None, None, sample=False)[0]
   if net.name == 'diffusion':
-    x_t = schedules.q_sample(batch['latent'], fixed['t'], fixed['noise'], net.extra['alphas_cumprod'])
-    eps = net.model.apply({'params': params}, x_t, fixed['t'], batch['z_dom'], fixed['drop'])
-    return losses.diffusion_loss(fixed['noise'], eps)
-  logits = net.model.apply({'params': params}, batch['image'])
-  return losses.cross_entropy(logits, batch['label']) + losses.soft_dice_loss(
-      jax.nn.softmax(logits), jax.nn.one_hot(batch['label'], net.num_classes))
+    return diffusion.denoising_loss(net.model, jnp.asarray(net.extra['alphas_cumprod']), params,
+                                    batch['latent'], batch['z_dom'], fixed['t'], fixed['noise'], fixed['drop'])
+  return segment.loss_fn(net.model, params, batch, None, None)[0]
 
 
 # --- PyTorch -----------------------------------------------------------------------------------------------
@@ -274,7 +262,7 @@ def _bench_batch(config: str, net: Net, trainer: TorchTrainer | None, train_conf
                  repeats: int, steps_per_run: int, ceiling_gflops: float) -> list[dict[str, Any]]:
   host = make_batch(net, batch_size)
   batch = {k: jnp.asarray(v) for k, v in host.items()}
-  state, step = jax_train(net, train_config, steps=10_000)
+  state, step = jax_train(net, train_config)
   rng = jax.random.key(0)
   t0 = time.perf_counter()
   lowered = step.lower(state, batch, rng, None)
@@ -330,29 +318,14 @@ COLUMNS = ('config', 'network', 'dtype', 'batch', 'impl', 'img_s', 'img_s_range'
 def run(configs, networks, batches, repeats, steps_per_run, quick, with_torch, matmul_n,
         dtype: str = 'float32') -> dict[str, Any]:
   torch = common.torch_or_none() if with_torch else None
-  ceiling = common.matmul_ceiling_gflops(matmul_n, dtype=common.DTYPES[dtype])
-  result = {'env': common.environment(), 'rows': [], 'checks': {},
-            'ceiling': {'matmul_n': matmul_n, 'dtype': dtype, 'jax_gflop_s': ceiling,
-                        'torch_gflop_s': common.torch_matmul_gflops(matmul_n, dtype=dtype) if torch else None}}
+  result = common.new_result(matmul_n, dtype, torch)
   for config in configs:
     for network in networks:
       rows, checks = bench_net(config, network, batches, repeats, steps_per_run, quick, torch is not None,
-                               ceiling, dtype)
+                               result['ceiling']['jax_gflop_s'], dtype)
       result['rows'] += rows
       result['checks'][f'{config}/{network}'] = checks
-  result['ceiling']['jax_gflop_s_after'] = common.matmul_ceiling_gflops(matmul_n, dtype=common.DTYPES[dtype])
-  result['summary'] = summary(result['rows'])
-  return result
-
-
-def print_result(result: dict[str, Any]) -> None:
-  c = result['ceiling']
-  print(f"matmul ceiling ({c['matmul_n']}^2 {c.get('dtype', 'float32')}): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
-        f"{c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
-  for name, checks in result['checks'].items():
-    if checks:
-      print(f'{name}: torch step == ours: ' + ', '.join(f'{k}={v:.1e}' for k, v in checks.items()))
-  print(common.format_table(result['rows'], COLUMNS))
+  return common.finish_result(result, summary)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -360,35 +333,22 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--configs', default=','.join(CONFIGS))
   p.add_argument('--networks', default=','.join(NETWORKS))
   p.add_argument('--batches', default='16,64')
-  p.add_argument('--repeats', type=int, default=5, help='timed runs per implementation (after a warm-up)')
   p.add_argument('--steps-per-run', type=int, default=3, help='training steps per timed run')
-  p.add_argument('--quick', action='store_true', help='tiny networks at 16x16, batch 2, 2 runs of 1 step')
-  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
-  p.add_argument('--dtype', default='float32', choices=tuple(common.DTYPES),
-                 help='compute dtype of the networks (params float32); torch runs under autocast to it')
-  p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 2048 CPU, 8192 GPU)')
-  p.add_argument('--json', default=None, help='also write the results here')
+  common.add_harness_args(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, Any]:
   common.prepare_process()
   args = parse_args(argv)
-  configs = tuple(c for c in args.configs.split(',') if c)
-  networks = tuple(n for n in args.networks.split(',') if n)
-  bad = [c for c in configs if c not in CONFIGS] + [n for n in networks if n not in NETWORKS]
-  if bad:
-    raise SystemExit(f'error: unknown {bad}; configs: {list(CONFIGS)}, networks: {list(NETWORKS)}')
-  batches = tuple(int(b) for b in args.batches.split(','))
-  repeats, steps_per_run = args.repeats, args.steps_per_run
-  matmul_n = args.matmul_n or (8192 if jax.default_backend() == 'gpu' else 2048)
-  if args.quick:
-    batches, repeats, steps_per_run, matmul_n = (2,), 2, 1, args.matmul_n or 256
-  result = run(configs, networks, batches, repeats, steps_per_run, args.quick, not args.no_torch, matmul_n,
-               args.dtype)
-  print_result(result)
-  common.write_json(args.json, result)
-  print(summary_line(result['summary']), flush=True)
+  configs = common.names(args.configs, CONFIGS, 'configs')
+  networks = common.names(args.networks, NETWORKS, 'networks')
+  batches, repeats, steps_per_run = tuple(int(b) for b in args.batches.split(',')), args.repeats, args.steps_per_run
+  if args.quick:  # tiny networks at 16x16, 1 step a run
+    batches, repeats, steps_per_run = (2,), 2, 1
+  result = run(configs, networks, batches, repeats, steps_per_run, args.quick, not args.no_torch,
+               common.matmul_n(args), args.dtype)
+  common.report(result, COLUMNS, 'torch step', args.json)
   return result
 
 

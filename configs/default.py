@@ -1,25 +1,38 @@
 """Every field of a diffuseg_jax run, with its default. Dataset configs import this and override.
 
-Run:  python -m diffuseg_jax.main --config=configs/default.py --workdir=runs/default
+  python -m diffuseg_jax.main --config=configs/default.py --workdir=runs/default  # full
+  python -m diffuseg_jax.main --config=configs/default.py:quick --workdir=runs/default_quick  # quick
+  python -m diffuseg_jax.main --config=configs/default.py:gpu --workdir=runs/default_gpu  # gpu
+
 (The defaults are the embedded MNIST -> MNIST-M experiment; `configs/mnist_m.py` is the named entry.)
+Variants, shared by the dataset configs (`quick` and `gpu` below; each dataset adds its own sizes):
+  full   the defaults below;
+  quick  a few-minute CPU run-through of the whole pipeline on the same data (embedded, or any data.root
+         with --config.data.name/root): fewer steps, smaller networks, at most data.max_cases subjects per
+         split, one segmentation seed;
+  gpu    the sizes for a real run on a GPU: long training (diffusion 30k steps, segmentation 5k), batches of
+         128, wider networks; float32 (--config.train.compute_dtype=bfloat16 is yours to add).
 """
+
+from collections.abc import Callable
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-ALL_STAGES = 'teacher,student,autoencoder,diffusion,synthesize,segment,evaluate'
+from diffuseg_jax.config_files import apply_variant
+from diffuseg_jax.stages import STAGES
 
 
 def d(**kwargs) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(kwargs)
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Comma-separated subset of ALL_STAGES, run in pipeline order. A stage whose final checkpoint/output
-  # exists in the workdir is skipped (resume).
-  c.stages = ALL_STAGES
+  # Comma-separated subset of diffuseg_jax.stages.STAGES, run in pipeline order. A stage whose final
+  # checkpoint/output exists in the workdir is skipped (resume).
+  c.stages = ','.join(STAGES)
 
   c.data = d(
       name='mnist_m',  # mnist_m | folder | mscmr | acdc | mmwhs | retina
@@ -105,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
       pyramid_levels=3,  # pyramid mode: Laplacian pyramid levels
       region_content='rendered',  # rendered (per-class target appearance) | label (literal label map)
       mask_union=True,  # blend with the union of foreground classes (True) or all classes incl. background
-      mask_set='source',  # source | test | folder path of label maps
+      mask_set='source',  # source | test (test: the labels are the test split's, so its scores are an ORACLE)
       num_masks=placeholder(int),  # None: every mask of the mask set
       batch_size=64,
       shard_size=256,  # masks per atomically written output shard
@@ -157,4 +170,54 @@ def get_config() -> ml_collections.ConfigDict:
       num_quality_images=1000,  # synthetic and real images compared by FID / KID / MBS
       num_figure_examples=8,
   )
+  return apply_variant(c, arg, VARIANTS, __file__)
+
+
+def quick(c: ml_collections.ConfigDict) -> None:
+  """A few-minute CPU run-through (of any dataset: dataset configs apply this, then their image size).
+
+  data.num_* are the embedded MNIST -> MNIST-M counts; data.max_cases (subjects, or images for 2D data, per
+  split) applies to every other dataset."""
+  c.data.update(num_source=1000, num_target=1000, num_test=300, max_cases=8)
+  c.vae.update(base_channels=16, teacher_steps=150, student_steps=150, batch_size=32)
+  c.autoencoder.update(base_channels=16, steps=300, batch_size=16)
+  c.diffusion.update(base_channels=16, steps=300, batch_size=16)
+  c.sampling.update(num_steps=20, num_masks=256)
+  c.segmentation.update(base_channels=8, steps=150, batch_size=32, seeds=(0,), strategies='transfer,self,diffuseg')
+  c.eval.num_quality_images = 256
+
+
+def gpu(c: ml_collections.ConfigDict) -> None:
+  """The sizes of a real run on one GPU or more (global batches divide by 8 devices); float32."""
+  c.vae.update(base_channels=64, teacher_steps=5000, student_steps=5000, batch_size=128)
+  c.autoencoder.update(base_channels=64, steps=10000, batch_size=64)
+  c.diffusion.update(base_channels=128, steps=30000, batch_size=128)
+  c.sampling.update(batch_size=256, shard_size=1024)
+  c.segmentation.update(base_channels=32, steps=5000, batch_size=128)
+  c.train.update(warmup_steps=500, log_every=100)
+  c.checkpoint.every_steps = 2000
+  c.eval.update(batch_size=256, num_quality_images=2000)
+
+
+def latent_slices(c: ml_collections.ConfigDict, name: str, **data) -> ml_collections.ConfigDict:
+  """Dataset `name` as 128 x 128 slices (plus the `data` fields given), with latent diffusion in a KL
+  autoencoder of factor 4: 32 x 32 x 4 latents (the medical datasets' setting)."""
+  c.data.update(name=name, image_size=128, **data)
+  c.autoencoder.update(kind='kl', downsample=4, latent_channels=4)
   return c
+
+
+def quick_at(image_size: int, **data) -> Callable[[ml_collections.ConfigDict], None]:
+  """The `quick` variant at `image_size` (plus the `data` fields given)."""
+
+  def variant(c: ml_collections.ConfigDict) -> None:
+    quick(c)
+    c.data.update(image_size=image_size, **data)
+
+  variant.__doc__ = f'`quick` at {image_size} x {image_size}'
+  return variant
+
+
+# The variants of a `latent_slices` dataset: quick at 64 x 64 (16 x 16 x 4 latents), gpu.
+LATENT_SLICE_VARIANTS = {'quick': quick_at(64), 'gpu': gpu}
+VARIANTS = {'quick': quick, 'gpu': gpu}

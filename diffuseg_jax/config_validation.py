@@ -1,21 +1,47 @@
-"""Config checks that run before any work, so an invalid value fails in one line, not deep in JAX."""
+"""Config checks that run before any work, so an invalid value fails in one line, not deep in JAX.
+
+Option lists are imported from the modules that define them (one source of truth). Library code (models,
+samplers, schedules, losses) raises `ValueError` naming its own fields; `config_section(name)` turns such an
+error into a `ConfigError` naming the config path (`config.diffusion: num_heads=3 must divide ...`), and
+`validate` / `check_networks` build every library object of a run up front inside it: the sampler settings,
+the schedule and, once the data's shapes are known, every network (`jax.eval_shape` of its initialisation,
+no compute), so a size that a later stage would reject stops the run before the first stage.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import math
+from collections.abc import Iterator
 
+import jax
+
+from diffuseg_jax import runtime
+from diffuseg_jax.data import DATASETS, DataSpec
+from diffuseg_jax.data.volumes import EMPTY_SLICE_POLICIES
 from diffuseg_jax.errors import ConfigError
+from diffuseg_jax.losses import KD_DISTS
+from diffuseg_jax.models.cond_unet import COND_MODES
+from diffuseg_jax.models.latent import KINDS
+from diffuseg_jax.sampling import schedules
+from diffuseg_jax.sampling.blend import BLEND_MODES
+from diffuseg_jax.sampling.sampler import SamplerSettings
+
+REGION_CONTENTS = ('rendered', 'label')  # sampling.region_content (stages/synthesize.py renders both)
+MASK_SETS = ('source', 'test')  # sampling.mask_set
 
 CHOICES = {
-    'data.name': ('mnist_m', 'folder', 'mscmr', 'acdc', 'mmwhs', 'retina'),
-    'data.empty_slices': ('keep', 'drop', 'drop_source'),
-    'vae.dist': ('dice', 'js'),
-    'autoencoder.kind': ('identity', 'kl', 'pretrained'),
-    'diffusion.schedule': ('linear', 'scaled_linear', 'cosine'),
-    'diffusion.cond_mode': ('cross_attention', 'film', 'both'),
-    'sampling.blend_mode': ('hard', 'soft', 'pyramid'),
-    'sampling.region_content': ('rendered', 'label'),
-    'train.compute_dtype': ('float32', 'bfloat16'),
+    'data.name': tuple(DATASETS),
+    'data.empty_slices': EMPTY_SLICE_POLICIES,
+    'vae.dist': KD_DISTS,
+    'autoencoder.kind': KINDS,
+    'diffusion.schedule': schedules.SCHEDULES,
+    'diffusion.cond_mode': COND_MODES,
+    'sampling.blend_mode': BLEND_MODES,
+    'sampling.region_content': REGION_CONTENTS,
+    'sampling.mask_set': MASK_SETS,
+    'train.compute_dtype': tuple(runtime.COMPUTE_DTYPES),
 }
 POSITIVE_INTS = (
     'data.image_size', 'vae.teacher_steps', 'vae.student_steps', 'vae.batch_size', 'autoencoder.steps',
@@ -27,8 +53,7 @@ POSITIVE_INTS = (
 )
 POSITIVE_FLOATS = ('vae.learning_rate', 'autoencoder.learning_rate', 'diffusion.learning_rate',
                    'segmentation.learning_rate')
-UNIT_INTERVAL = ('sampling.blend_until', 'diffusion.cond_dropout', 'train.ema_decay')
-SEG_STRATEGIES = ('transfer', 'self', 'semi', 'diffuseg')
+UNIT_INTERVAL = ('diffusion.cond_dropout', 'train.ema_decay')
 
 
 def get(config, dotted: str):
@@ -38,24 +63,35 @@ def get(config, dotted: str):
   return node
 
 
-def parse_stages(stages: str, all_stages: tuple[str, ...]) -> list[str]:
-  names = [s.strip() for s in str(stages).split(',') if s.strip()]
-  unknown = [s for s in names if s not in all_stages]
-  if unknown or not names:
-    raise ConfigError(f'config.stages={stages!r}: unknown stage(s) {unknown}; choose from {",".join(all_stages)}')
-  return [s for s in all_stages if s in names]
+@contextlib.contextmanager
+def config_section(name: str) -> Iterator[None]:
+  """A `ValueError` raised inside (by library code, naming its own fields) becomes a one-line ConfigError
+  naming the config section."""
+  try:
+    yield
+  except ValueError as e:
+    raise ConfigError(f'config.{name}: {e}') from None
 
 
-def parse_strategies(strategies: str) -> list[str]:
-  names = [s.strip() for s in str(strategies).split(',') if s.strip()]
-  unknown = [s for s in names if s not in SEG_STRATEGIES]
+def parse_names(value: str, choices: tuple[str, ...], field: str) -> list[str]:
+  """A comma-separated list of names from `choices` (e.g. config.stages), in the order given."""
+  names = [s.strip() for s in str(value).split(',') if s.strip()]
+  unknown = [s for s in names if s not in choices]
   if unknown or not names:
-    raise ConfigError(f'config.segmentation.strategies={strategies!r}: unknown {unknown}; '
-                      f'choose from {",".join(SEG_STRATEGIES)}')
+    hint = ''.join(f' (did you mean {m[0]!r}?)' for u in unknown if (m := difflib.get_close_matches(u, choices, 1)))
+    raise ConfigError(f'config.{field}={value!r}: unknown {unknown}{hint}; choose from {",".join(choices)}')
   return names
 
 
+def parse_stages(stages: str, all_stages: tuple[str, ...]) -> list[str]:
+  names = parse_names(stages, all_stages, 'stages')
+  return [s for s in all_stages if s in names]
+
+
 def validate(config) -> None:
+  """Every check that needs only the config."""
+  from diffuseg_jax.stages import segment  # the stage owns its strategy list
+
   for key, choices in CHOICES.items():
     value = get(config, key)
     if value not in choices:
@@ -72,13 +108,11 @@ def validate(config) -> None:
     value = get(config, key)
     if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
       raise ConfigError(f'config.{key}={value!r} must be in [0, 1]')
-  if config.sampling.num_steps > config.diffusion.num_timesteps:
-    raise ConfigError(f'config.sampling.num_steps={config.sampling.num_steps} exceeds '
-                      f'config.diffusion.num_timesteps={config.diffusion.num_timesteps}')
-  if config.sampling.guidance_scale < 0:
-    raise ConfigError(f'config.sampling.guidance_scale={config.sampling.guidance_scale} must be >= 0')
-  if config.sampling.eta < 0:
-    raise ConfigError(f'config.sampling.eta={config.sampling.eta} must be >= 0')
+  with config_section('diffusion'):
+    d = config.diffusion
+    schedules.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+  with config_section('sampling'):
+    SamplerSettings.from_config(config)
   size = config.data.image_size
   if config.autoencoder.kind == 'kl':
     f = config.autoencoder.downsample
@@ -90,4 +124,30 @@ def validate(config) -> None:
                       f'(e.g. --config.data.root=/path/to/data)')
   if config.autoencoder.kind == 'pretrained' and not config.autoencoder.path:
     raise ConfigError('config.autoencoder.path is required for autoencoder.kind=pretrained')
-  parse_strategies(config.segmentation.strategies)
+  parse_names(config.segmentation.strategies, segment.STRATEGIES, 'segmentation.strategies')
+
+
+def check_networks(config, spec: DataSpec) -> None:
+  """Builds every network the run trains, at the data's shapes, without computing anything: a size or width
+  that a network rejects stops here with its config section. A pretrained diffusers UNet is checked when
+  its stage loads it (that needs its weights)."""
+  from diffuseg_jax.stages import autoencoder, diffusion, segment, teacher
+
+  checks = []
+  with config_section('vae'):
+    checks.append(('vae', teacher.task(config, spec)))
+  with config_section('segmentation'):
+    checks.append(('segmentation', segment.task(config, spec, 'transfer', 0)))
+  if config.autoencoder.kind == 'kl':
+    with config_section('autoencoder'):
+      checks.append(('autoencoder', autoencoder.task(config, spec)))
+  if not config.diffusion.pretrained_unet_path:
+    f = config.autoencoder.downsample if config.autoencoder.kind == 'kl' else 1
+    channels = config.autoencoder.latent_channels if config.autoencoder.kind == 'kl' else spec.channels
+    if config.autoencoder.kind != 'pretrained':  # a pretrained autoencoder's latent shape is known once loaded
+      h, w = spec.image_size
+      with config_section('diffusion'):
+        checks.append(('diffusion', diffusion.task(config, (h // f, w // f, channels))))
+  for section, task in checks:
+    with config_section(section):
+      jax.eval_shape(task.init_params, task.rng)

@@ -1,7 +1,16 @@
-"""Batched, sharded inference over host arrays: pad to the batch, shard on 'data', gather back to numpy.
+"""Batched, sharded inference over host arrays, and the jitted apply functions of the trained networks.
 
-Every process holds the same host arrays (datasets are loaded on each process), so a global batch is built
-with `jax.device_put` and outputs are gathered with `process_allgather` when they span processes.
+`batched_apply` pads to the batch, shards on 'data' and gathers back to numpy. Every process holds the same
+host arrays (datasets are loaded on each process), so a global batch is built with `jax.device_put` and
+outputs are gathered with `process_allgather` when they span processes.
+
+The apply functions below are jitted once at import with the linen module as a static argument, so each is
+compiled once per (network, input shape) and reused by every stage, strategy and seed of a run:
+  segment_labels(x, params, model=SegUNet)        int32 [B, H, W]   argmax of the segmentation logits
+  ffd_vae_labels(x, params, model=FFDVAE)          int32 [B, H, W]   the FFD-VAE's segmentation head (pseudo-labels)
+  ffd_vae_outputs(x, params, model=FFDVAE)         dict: seg, recon, dom_mean, dom_logvar (posterior means)
+  domain_codes(x, params, model=FFDVAE)            float [B, D]      z_dom posterior means
+  encode(x, codec) / decode(z, codec)              latents <-> images through a `LatentCodec`
 """
 
 from __future__ import annotations
@@ -10,11 +19,44 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from diffuseg_jax.train import sharding
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def segment_labels(x: jax.Array, params, *, model) -> jax.Array:
+  return jnp.argmax(model.apply({'params': params}, x), -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def ffd_vae_labels(x: jax.Array, params, *, model) -> jax.Array:
+  return jnp.argmax(model.apply({'params': params}, x, sample=False)['seg_logits'], -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def ffd_vae_outputs(x: jax.Array, params, *, model) -> dict[str, jax.Array]:
+  out = model.apply({'params': params}, x, sample=False)
+  return {'seg': jnp.argmax(out['seg_logits'], -1).astype(jnp.int32), 'recon': out['recon'],
+          'dom_mean': out['dom_mean'], 'dom_logvar': out['dom_logvar']}
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def domain_codes(x: jax.Array, params, *, model) -> jax.Array:
+  return model.apply({'params': params}, x, method='encode_dom')[0]
+
+
+@jax.jit
+def encode(x: jax.Array, codec) -> jax.Array:
+  return codec.encode(x)
+
+
+@jax.jit
+def decode(z: jax.Array, codec) -> jax.Array:
+  return codec.decode(z)
 
 
 def batched_apply(

@@ -17,8 +17,6 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from diffuseg_jax.errors import ConfigError
-
 Array = jax.Array
 
 # Clip for log(p) of probabilities: softmax in float32 can underflow to exactly 0 for a confident network,
@@ -103,7 +101,7 @@ def l2_reconstruction(x: Array, x_hat: Array) -> Array:
 def _kd_terms(student_logits: Array, teacher_logits: Array, dist: str) -> tuple[Array, Array]:
   """(1 - Dist(y~, y), CE(y, y~)) of eq. 1; y = softmax(teacher) is a fixed target."""
   if dist not in KD_DISTS:
-    raise ConfigError(f'config.vae.dist={dist!r} is not one of {list(KD_DISTS)}')
+    raise ValueError(f'dist={dist!r} is not one of {list(KD_DISTS)}')
   y = jax.lax.stop_gradient(jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1))
   y_student = jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1)
   sim = soft_dice(y_student, y) if dist == 'dice' else js_similarity(y_student, y)
@@ -138,6 +136,16 @@ def latent_kl(teacher_bottleneck: Array, student_bottleneck: Array, temperature:
   return jnp.mean(jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1))
 
 
+def segmentation_losses(logits: Array, labels: Array, num_classes: int) -> tuple[Array, Array]:
+  """(cross-entropy, soft Dice loss) of logits [B, H, W, K] against int labels [B, H, W]: the segmentation
+  objective of the teacher and of every segmenter. The Dice loss compares softmax(logits) with one-hot labels
+  over all K classes (background included)."""
+  ce = cross_entropy(logits, labels)
+  dice = soft_dice_loss(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+                        jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
+  return ce, dice
+
+
 def teacher_loss(out: Mapping[str, Array], images: Array, labels: Array, *, num_classes: int, beta: float,
                  seg_weight: float) -> tuple[Array, dict[str, Array]]:
   """Stage 1 (source FFD-VAE S): seg_weight (CE + soft Dice loss) + L_rec + beta (KL(z_seg) + KL(z_dom)).
@@ -146,10 +154,7 @@ def teacher_loss(out: Mapping[str, Array], images: Array, labels: Array, *, num_
   dom_mean/dom_logvar [B, D]. images [B, H, W, C]; labels int [B, H, W]. The Dice loss compares
   softmax(seg_logits) with one-hot labels. Returns (loss, metrics) with every term a float32 scalar.
   """
-  logits = out['seg_logits']
-  ce = cross_entropy(logits, labels)
-  dice = soft_dice_loss(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
-                        jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
+  ce, dice = segmentation_losses(out['seg_logits'], labels, num_classes)
   rec = l2_reconstruction(images, out['recon'])
   kl_seg = gaussian_kl(out['seg_mean'], out['seg_logvar'])
   kl_dom = gaussian_kl(out['dom_mean'], out['dom_logvar'])

@@ -3,8 +3,8 @@
   teacher -> student -> autoencoder -> diffusion -> synthesize -> segment -> evaluate
 
 `config.stages` (comma-separated) selects a subset; the order is always the pipeline order. Each stage
-module in `diffuseg_jax/stages/` exposes `is_done(ctx) -> bool` and `run(ctx) -> None`; training stages
-resume from their newest checkpoint, synthesis from its finished shards.
+module in `diffuseg_jax/stages/` (named in `stages.STAGES`) exposes `is_done(ctx) -> bool` and `run(ctx) -> None`;
+training stages resume from their newest checkpoint, synthesis from its finished shards.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import jax
 import ml_collections
 
 from diffuseg_jax import atomic, logs
-from diffuseg_jax.config_validation import parse_stages, validate
+from diffuseg_jax.config_validation import check_networks, parse_stages, validate
 from diffuseg_jax.context import Context
+from diffuseg_jax.stages import STAGES
 from diffuseg_jax.train.sharding import make_mesh
-
-STAGES = ('teacher', 'student', 'autoencoder', 'diffusion', 'synthesize', 'segment', 'evaluate')
 
 
 def stage_module(name: str):
@@ -32,7 +31,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   validate(config)
   selected = parse_stages(config.stages, STAGES)
   ctx = Context(config=config, workdir=workdir, mesh=make_mesh(config.mesh), show_progress=show_progress)
-  ctx.data  # noqa: B018 - load and check the data before anything is written
+  check_networks(config, ctx.data.spec)  # load and check the data, then every network, before any output
   _prepare_workdir(workdir)
   logs.setup(workdir)
   if ctx.is_main_process:

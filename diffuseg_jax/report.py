@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from diffuseg_jax import atomic, figures
-from diffuseg_jax.train.logging import read_metrics
+from diffuseg_jax.train.metric_writer import read_training_log
 
 STRATEGY_TEXT = {
     'transfer': ('Transfer (source only)', 'source images + labels'),
@@ -53,7 +53,7 @@ def per_class_table(strategies: dict) -> list[str]:
 
 
 def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
-  metrics = ctx.read_metrics()
+  metrics = ctx.read_results()
   ev = metrics.get('evaluate', {})
   data, cfg = ctx.data, ctx.config
   fig_dir = ctx.path('figures')
@@ -65,7 +65,7 @@ def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
       labels=[data.test.labels[:k]] + [predictions[s][:k] for s in order], num_classes=data.num_classes,
       title='target test images with label contours: ground truth and each strategy (first seed)',
   )
-  rows = read_metrics(ctx.workdir)
+  rows = read_training_log(ctx.workdir)
   by_stage: dict[str, list] = {}
   for r in rows:
     stage = r['stage']

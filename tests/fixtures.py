@@ -5,13 +5,14 @@ Plain helpers (not pytest fixtures) so any test can build exactly the files it n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
+
+from diffuseg_jax.config_files import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,11 +34,8 @@ def to_canonical_by_hand(stored: np.ndarray) -> np.ndarray:
 
 
 def default_config():
-  """configs/default.py's get_config(), loaded from the file (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location('test_configs_default', REPO / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/default.py's get_config()."""
+  return load_config('default')
 
 
 def data_config(**overrides):

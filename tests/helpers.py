@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 
-from diffuseg_jax.config_files import load_sibling
+from diffuseg_jax.config_files import load_config
 from diffuseg_jax.context import Context
 from diffuseg_jax.train.sharding import make_mesh
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-
 
 def tiny_config(variant: str | None = None):
-  return load_sibling(os.path.join(CONFIGS, 'test.py'), 'test.py').get_config(variant)
+  """configs/test.py's get_config(variant)."""
+  return load_config('test', variant)
 
 
 def make_context(config, workdir) -> Context:

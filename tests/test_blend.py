@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.sampling import blend
 
 RNG = np.random.default_rng(0)
@@ -33,7 +32,7 @@ def test_mask_to_latent_against_numpy():
   got = blend.mask_to_latent(jnp.asarray(m[..., None], jnp.float32), 4)
   assert got.shape == (2, 2, 3, 1) and got.dtype == jnp.float32
   np.testing.assert_array_equal(blend.mask_to_latent(jnp.asarray(m), 1), m[..., None].astype(np.float32))
-  with pytest.raises(ConfigError, match='not divisible'):
+  with pytest.raises(ValueError, match='not divisible'):
     blend.mask_to_latent(jnp.asarray(m), 5)
 
 
@@ -100,7 +99,7 @@ def test_soft_equals_hard_away_from_edge():
 
 def test_unknown_mode():
   x = jnp.zeros((1, 4, 4, 1))
-  with pytest.raises(ConfigError, match='blend_mode'):
+  with pytest.raises(ValueError, match='blend_mode'):
     blend.blend(x, x, x, 'poisson')
 
 

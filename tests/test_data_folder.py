@@ -1,6 +1,5 @@
 """The generic folder dataset (PNG and NIfTI trees), 2D raster IO and configs/folder.py."""
 
-import importlib.util
 import shutil
 
 import fixtures
@@ -9,6 +8,7 @@ import pytest
 from absl import flags
 from ml_collections.config_flags import config_flags
 
+from diffuseg_jax.config_files import load_config, load_config_module
 from diffuseg_jax.data import folder, imageio, load_domain_data, transforms
 from diffuseg_jax.errors import ConfigError, DataError
 
@@ -160,8 +160,6 @@ def test_folder_config_from_any_directory_and_command_line(tmp_path, rng, monkey
   assert config.vae.z_dom_dim == fixtures.default_config().vae.z_dom_dim  # everything else from default.py
   data = load_domain_data(config.data, seed=config.seed)
   assert data.target.images.shape[1:] == (8, 8, 1)
-  spec = importlib.util.spec_from_file_location('folder_config_under_test', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert module.get_config().data.root is None
-  assert 'python -m diffuseg_jax.main --config=configs/folder.py --config.data.root=PATH' in module.__doc__
+  assert load_config(path).data.root is None
+  doc = load_config_module(path).__doc__
+  assert 'python -m diffuseg_jax.main --config=configs/folder.py --config.data.root=PATH' in doc

@@ -1,24 +1,17 @@
 """Loaders of the public medical datasets, on tiny copies of their exact layouts (medical_fixtures.py)."""
 
-import importlib.util
-import pathlib
-
 import medical_fixtures as mf
 import nibabel as nib
 import numpy as np
 import pytest
 
+from diffuseg_jax.config_files import load_config, load_config_module
 from diffuseg_jax.data import acdc, load_domain_data, mmwhs, mscmr, retina
 from diffuseg_jax.errors import ConfigError, DataError
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-
 
 def config(name: str, **data):
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', CONFIGS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config(name)
   c.data.image_size = 16
   for k, v in data.items():
     setattr(c.data, k, v)
@@ -294,11 +287,8 @@ def test_binary_mask_threshold():
 @pytest.mark.parametrize('name,dataset', [('mscmr', 'mscmr'), ('acdc', 'acdc'), ('mmwhs', 'mmwhs'),
                                           ('iostar', 'retina')])
 def test_configs(name, dataset):
-  spec = importlib.util.spec_from_file_location(f'cfg2_{name}', CONFIGS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config(name)
   assert c.data.name == dataset and c.data.image_size == 128
   assert c.autoencoder.kind == 'kl' and c.data.image_size // c.autoencoder.downsample == 32
   assert c.autoencoder.latent_channels == 4
-  assert f'--config=configs/{name}.py' in module.__doc__
+  assert f'--config=configs/{name}.py' in load_config_module(name).__doc__

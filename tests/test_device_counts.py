@@ -1,7 +1,7 @@
 """Data parallelism is invisible in the numbers: a fixed global batch on 1, 2 or 8 devices trains alike.
 
 A tiny convolutional VAE-like model (conv -> GroupNorm -> sampled latent -> conv; reconstruction + KL + CE,
-so the step draws random numbers for the sharded batch like the FFD-VAE does) runs a few `fit` steps with
+so the step draws random numbers for the sharded batch like the FFD-VAE does) runs a few `Context.train` steps with
 global batch 16 on meshes over the first 1, 2 and 8 devices. Logged losses and parameters must agree to
 float tolerance: only the order of the cross-device reductions may differ. Plain SGD keeps the comparison
 sharp (Adam would blow float noise in near-zero gradients up to full-size updates).
@@ -17,9 +17,9 @@ from helpers import tiny_config
 from jax.sharding import Mesh
 
 from diffuseg_jax.context import Context
-from diffuseg_jax.train import init as train_init
-from diffuseg_jax.train import logging as train_logging
-from diffuseg_jax.train.loop import fit
+from diffuseg_jax.train import metric_writer
+from diffuseg_jax.train import task as task_lib
+from diffuseg_jax.train.task import Task
 
 STEPS = 3
 CLASSES = 3
@@ -41,18 +41,12 @@ class TinyVAE(nn.Module):
     return rec, logits, mean, logvar
 
 
-def _step(state, batch, rng, frozen):
+def _loss_fn(params, batch, rng, frozen):
   del frozen
-  key = jax.random.fold_in(rng, state.step)
-
-  def loss_fn(params):
-    rec, logits, mean, logvar = TinyVAE().apply({'params': params}, batch['image'], key)
-    kl = 0.5 * jnp.mean(jnp.exp(logvar) + mean**2 - 1.0 - logvar)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-    return jnp.mean((rec - batch['image']) ** 2) + 1e-2 * kl + ce
-
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  return state.apply_gradients(grads), {'loss': loss}
+  rec, logits, mean, logvar = TinyVAE().apply({'params': params}, batch['image'], rng)
+  kl = 0.5 * jnp.mean(jnp.exp(logvar) + mean**2 - 1.0 - logvar)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+  return jnp.mean((rec - batch['image']) ** 2) + 1e-2 * kl + ce, {}
 
 
 def _arrays(n=48):
@@ -73,12 +67,13 @@ def _train(workdir, num_devices: int):
   def init_params(key):
     return TinyVAE().init(key, jnp.zeros((1, 8, 8, 3)), key)['params']
 
-  state = train_init.create_train_state(init_params, jax.random.key(0), optax.sgd(0.5), 0.9, mesh)
+  task = Task(name='toy', model=TinyVAE(), init_params=init_params, loss_fn=_loss_fn, optimizer=optax.sgd(0.5),
+              num_steps=STEPS, batch_size=16, checkpoint='toy', rng=jax.random.key(0), ema_decay=0.9)
+  state = task_lib.init_state(task, mesh)
   assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == num_devices
   initial = jax.tree.map(np.asarray, state.params)
-  result = fit(stage='toy', ctx=ctx, state=state, step_fn=_step, arrays=_arrays(), batch_size=16,
-               num_steps=STEPS, rng=jax.random.key(1))
-  losses = [row['loss'] for row in train_logging.read_metrics(ctx.workdir, 'toy')]
+  result = ctx.train(task, _arrays())
+  losses = [row['loss'] for row in metric_writer.read_training_log(ctx.workdir, 'toy')]
   return initial, jax.tree.map(np.asarray, result.state.params), np.asarray(losses)
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffuseg_jax.errors import ConfigError, UserError
+from diffuseg_jax.errors import UserError
 from diffuseg_jax.models import diffusers_adapter as da
 from diffuseg_jax.models import latent
 
@@ -74,7 +74,7 @@ def test_autoencoder_round_trip_nhwc(saved, capfd):
   assert (codec.scaling_factor, codec.downsample, codec.latent_channels, codec.image_channels) == (0.25, 2, 4, 3)
   z = jax.jit(lambda c, x: c.encode(x))(codec, x)
   np.testing.assert_allclose(z, 0.25 * mean, atol=1e-6)
-  with pytest.raises(ConfigError, match='3-channel'):
+  with pytest.raises(ValueError, match='3-channel'):
     codec.encode(jnp.zeros((1, H, H, 1)))
   out = capfd.readouterr()
   assert 'deprecated' not in out.out + out.err  # the per-setup deprecation notice is silenced
@@ -101,7 +101,7 @@ def test_pretrained_cond_unet_matches_direct_call(saved, capfd):
   np.testing.assert_allclose(eps, direct, atol=1e-5)
   np.testing.assert_allclose(eps[0], eps[2], atol=1e-6)  # dropped rows: null condition, z_dom ignored
   assert np.abs(np.asarray(eps[1] - eps[3])).max() > 1e-4  # kept rows: z_dom matters
-  with pytest.raises(ConfigError, match='latent_channels'):
+  with pytest.raises(ValueError, match='latent channels'):
     jax.eval_shape(lambda: wrapper.apply(variables, jnp.zeros((1, 4, 4, 3)), t[:1], z[:1]))
   out = capfd.readouterr()
   assert 'deprecated' not in out.out + out.err
@@ -128,13 +128,11 @@ def test_bad_paths_raise_user_error(tmp_path, saved):
 
 def test_diffusion_stage_trains_a_local_pretrained_sd_layout(saved, tmp_path):
   """autoencoder.kind=pretrained + diffusion.pretrained_unet_path: the stage's model, init and one step."""
-  import functools
-
   from helpers import make_context, tiny_config
 
   from diffuseg_jax.stages import autoencoder, diffusion
-  from diffuseg_jax.train import init as train_init
   from diffuseg_jax.train import sharding
+  from diffuseg_jax.train import task as task_lib
 
   root, _, _, _, unet_params = saved
   config = tiny_config()
@@ -144,14 +142,14 @@ def test_diffusion_stage_trains_a_local_pretrained_sd_layout(saved, tmp_path):
   config.vae.z_dom_dim = 4
   ctx = make_context(config, tmp_path)
   autoencoder.run(ctx)  # records the pretrained scaling factor (0.25)
-  assert ctx.read_metrics()['autoencoder']['scaling_factor'] == 0.25
-  codec, model, init_params, tx = diffusion._parts(ctx)
-  state = train_init.create_train_state(init_params, jax.random.key(0), tx, 0.99, ctx.mesh)
+  assert ctx.read_results()['autoencoder']['scaling_factor'] == 0.25
+  codec = autoencoder.load_codec(ctx)
+  task = diffusion.task(ctx.config, diffusion.latent_shape(ctx, codec))
+  state = task_lib.init_state(task, ctx.mesh)
   np.testing.assert_array_equal(  # the pretrained weights are the starting point, not re-initialised
       np.asarray(state.params['unet']['conv_in']['kernel']), np.asarray(unet_params['conv_in']['kernel']))
   latents = autoencoder.encode_images(ctx, codec, ctx.data.target.images[:16])
   assert latents.shape == (16, 8, 8, 4)
   batch = sharding.shard_batch({'latent': latents, 'z_dom': np.zeros((16, 4), np.float32)}, ctx.mesh)
-  step = functools.partial(diffusion.diffusion_step, model, 0.1, jnp.asarray(diffusion.schedule(ctx).alphas_cumprod))
-  new_state, metrics = jax.jit(step)(state, batch, jax.random.key(1), None)
+  new_state, metrics = task_lib.compile_step(task, ctx.mesh)(state, batch, task.rng, None)
   assert np.isfinite(float(metrics['loss'])) and int(new_state.step) == 1

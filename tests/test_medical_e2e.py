@@ -27,9 +27,9 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from diffuseg_jax import pipeline
 from diffuseg_jax.context import Context
-from diffuseg_jax.data import nifti, volumes
+from diffuseg_jax.data import export, nifti, volumes
 from diffuseg_jax.data.types import Split, VolumeInfo
-from diffuseg_jax.stages import evaluate, synthesize, volume_outputs
+from diffuseg_jax.stages import evaluate, synthesize
 from diffuseg_jax.synthetic_io import load_synthetic
 
 STRATEGIES = ('transfer', 'diffuseg')
@@ -165,7 +165,7 @@ def test_command_runs_on_the_layout(finished):
   assert data.num_classes == expected_classes and data.image_size == (16, 16)
   assert data.channels == (3 if name == 'retina' else 1)
   assert (data.spacing_unit, data.image_format) == (('px', 'png') if name == 'retina' else ('mm', 'nifti'))
-  assert evaluate.is_volumetric(ctx) == volume_outputs.has_volumes(ctx) == (name in VOLUMETRIC)
+  assert evaluate.is_volumetric(ctx) == export.has_volumes(ctx.data) == (name in VOLUMETRIC)
   if name == 'retina':  # FOV masks reach the evaluation; IOSTAR's last image has none (full FOV)
     fov = evaluate.field_of_view(data.test)
     assert fov is not None and fov.shape == data.test.labels.shape
@@ -176,7 +176,7 @@ def test_command_runs_on_the_layout(finished):
 
 def test_scores_and_units(finished):
   name, ctx, _ = full_run(finished)
-  ev = ctx.read_metrics()['evaluate']
+  ev = ctx.read_results()['evaluate']
   assert set(ev['strategies']) == set(STRATEGIES)
   for r in ev['strategies'].values():
     assert 0.0 <= r['dice_mean'] <= 1.0 and 0.0 <= r['iou_mean'] <= 1.0
@@ -214,7 +214,7 @@ def test_ground_truth_written_back_equals_the_label_files(finished, tmp_path):
   (folder: nearest x2 and back), so resizing is exact."""
   name, ctx, images = finished
   copy = Context(config=ctx.config, workdir=str(tmp_path), mesh=ctx.mesh, show_progress=False)
-  written = volume_outputs.write_predictions(copy, 'ground_truth', copy.data.test.labels)
+  written = export.write_volume_predictions(copy.data, copy.data.test.labels, copy.path('predictions', 'ground_truth'))
   if name not in VOLUMETRIC:
     assert written == [] and not (tmp_path / 'predictions').exists()
     return
@@ -235,7 +235,7 @@ def test_synthetic_pairs_and_nnunet_export(finished):
   rows = [json.loads(line) for line in open(synth_dir / 'manifest.jsonl')]
   if name not in VOLUMETRIC:  # 2D natural images: PNG pairs, no nnU-Net (NIfTI) export
     assert rows and rows[0]['image'].endswith('.png') and rows[0]['label'].endswith('.png')
-    assert not (synth_dir / 'nnunet').exists() and 'nnunet_dataset' not in ctx.read_metrics()['synthesize']
+    assert not (synth_dir / 'nnunet').exists() and 'nnunet_dataset' not in ctx.read_results()['synthesize']
     return
   assert rows and rows[0]['image'].endswith('.nii.gz')
   spacing = synthesize.mask_spacing(ctx, np.array([r['mask_index'] for r in rows]))
@@ -250,7 +250,7 @@ def test_synthetic_pairs_and_nnunet_export(finished):
   assert meta['labels'] == {'background': 0, **{c: i for i, c in enumerate(ctx.data.class_names) if i}}
   assert meta['numTraining'] == len(rows) == len(list((folders[0] / 'labelsTr').glob('*.nii.gz')))
   assert meta['file_ending'] == '.nii.gz' and meta['channel_names'] == {'0': 'image'}
-  assert ctx.read_metrics()['synthesize']['nnunet_dataset'] == os.path.join('synthetic', 'nnunet',
+  assert ctx.read_results()['synthesize']['nnunet_dataset'] == os.path.join('synthetic', 'nnunet',
                                                                             folders[0].name)
   # nnU-Net case files carry the spacing too, and the labels are the synthetic (given) masks.
   synth = load_synthetic(ctx)
@@ -296,5 +296,5 @@ def test_raw_label_values_by_hand():
   assert volumes.raw_label_values({0: 0, 500: 1, 420: 2, 421: 2, 205: 3}) == (0, 500, 420, 205)
   assert volumes.raw_label_values({0: 0, 3: 1, 1: 2, 2: 3}) == (0, 3, 1, 2)
   assert volumes.raw_label_values({0: 0, 7: 2}) is None and volumes.raw_label_values(None) is None
-  np.testing.assert_array_equal(volume_outputs.to_raw_values(np.array([[0, 2], [1, 2]]), (0, 500, 420)),
+  np.testing.assert_array_equal(export.to_raw_values(np.array([[0, 2], [1, 2]]), (0, 500, 420)),
                                 [[0, 420], [500, 420]])

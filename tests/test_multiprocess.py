@@ -32,10 +32,10 @@ from diffuseg_jax import distributed
 from diffuseg_jax.context import Context
 from diffuseg_jax.data import pipeline as data_pipeline
 from diffuseg_jax.errors import UserError
-from diffuseg_jax.stages import diffusion, ffd_vae, synthesize, teacher
+from diffuseg_jax.stages import autoencoder, diffusion, synthesize, teacher
 from diffuseg_jax.synthetic_io import shard_paths
-from diffuseg_jax.train import init as train_init
-from diffuseg_jax.train import logging as train_logging
+from diffuseg_jax.train import metric_writer
+from diffuseg_jax.train import task as task_lib
 from diffuseg_jax.train.checkpoint import StageCheckpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,9 +101,8 @@ def reference(tmp_path_factory):
     patch.setattr(data_pipeline, 'train_iterator', as_two_processes)
     teacher.run(ctx)
   shutil.copytree(ctx.checkpoint_dir('teacher'), ctx.checkpoint_dir('student'))
-  _, _, init_params, tx = diffusion._parts(ctx)  # noqa: SLF001 - the stage's own UNet and optimiser
-  state = train_init.create_train_state(init_params, ctx.rng('diffusion'), tx, ctx.config.train.ema_decay,
-                                        ctx.mesh)
+  task = diffusion.task(ctx.config, diffusion.latent_shape(ctx, autoencoder.load_codec(ctx)))
+  state = task_lib.init_state(task, ctx.mesh)  # the stage's own UNet and optimiser, untrained
   ckpt = StageCheckpointer(ctx.checkpoint_dir('diffusion'))
   ckpt.save(ctx.config.diffusion.steps, state, force=True)
   ckpt.close()
@@ -195,7 +194,7 @@ def _final_params(workdir, stage):
 
 def _initial_teacher_params(workdir):
   ctx = Context(config=_config(), workdir=workdir, mesh=Mesh(np.asarray(jax.devices()[:1]), ('data',)))
-  return jax.tree.map(np.asarray, ffd_vae.build_state(ctx, 'teacher')[1].params)
+  return jax.tree.map(np.asarray, task_lib.init_state(teacher.task(ctx.config, ctx.data.spec), ctx.mesh).params)
 
 
 def test_both_processes_joined_one_global_mesh(two_processes):
@@ -209,14 +208,14 @@ def test_sigterm_to_one_process_stopped_both_at_one_step(two_processes):
   Here: the stop was mid-training, and the rerun resumed from exactly that checkpoint."""
   workdir, _, _, stop = two_processes
   assert EVERY <= stop < STEPS
-  steps = [r['step'] for r in train_logging.read_metrics(workdir, 'teacher')]
+  steps = [r['step'] for r in metric_writer.read_training_log(workdir, 'teacher')]
   assert steps == list(range(1, STEPS + 1))  # each step once: nothing lost, nothing redone
 
 
 def test_teacher_matches_one_process(reference, two_processes):
   workdir, _, _, _ = two_processes
-  rows = train_logging.read_metrics(workdir, 'teacher')
-  ref_rows = train_logging.read_metrics(reference, 'teacher')
+  rows = metric_writer.read_training_log(workdir, 'teacher')
+  ref_rows = metric_writer.read_training_log(reference, 'teacher')
   assert [r['step'] for r in rows] == [r['step'] for r in ref_rows]  # written once: by process 0 only
   np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in ref_rows], rtol=1e-5)
   ours, ref = _final_params(workdir, 'teacher'), _final_params(reference, 'teacher')

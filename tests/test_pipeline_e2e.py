@@ -95,7 +95,7 @@ def test_kl_latent_space_path(finished_run, tmp_path):
   config = tiny_config('kl')
   config.stages = 'autoencoder,diffusion,synthesize'
   ctx = pipeline.run(config, str(workdir), show_progress=False)
-  metrics = ctx.read_metrics()
+  metrics = ctx.read_results()
   assert metrics['autoencoder']['kind'] == 'kl' and metrics['autoencoder']['downsample'] == 2
   assert metrics['autoencoder']['scaling_factor'] > 0
   assert load_synthetic(ctx)['image'].shape[1:] == (16, 16, 3)

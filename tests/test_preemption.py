@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from diffuseg_jax.train import logging as train_logging
+from diffuseg_jax.train import metric_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -143,7 +143,7 @@ def test_sigterm_and_sigkills_then_resume_reaches_the_uninterrupted_state_bitwis
   stop = int(match.group(1))
   assert EVERY <= stop < STEPS and _steps(workdir)[-1] == stop
   assert 'rerun the same command to resume' in err and 'Traceback' not in err
-  logged = [row['step'] for row in train_logging.read_metrics(str(workdir), 'teacher')]
+  logged = [row['step'] for row in metric_writer.read_training_log(str(workdir), 'teacher')]
   assert logged[-1] == stop  # the stop step's metrics are flushed with its checkpoint
 
   # SIGKILL the moment the resumed run has written a checkpoint (the next save may be under way).
@@ -171,6 +171,6 @@ def test_sigterm_and_sigkills_then_resume_reaches_the_uninterrupted_state_bitwis
 
 def _assert_lost_at_most_one_interval(workdir) -> None:
   """The newest complete checkpoint is at most one interval behind the newest logged step."""
-  logged = [row['step'] for row in train_logging.read_metrics(str(workdir), 'teacher')]
+  logged = [row['step'] for row in metric_writer.read_training_log(str(workdir), 'teacher')]
   assert logged and _steps(workdir), 'nothing was trained before the kill'
   assert max(_steps(workdir)) >= max(logged) - EVERY, (max(_steps(workdir)), max(logged))

@@ -50,22 +50,21 @@ def test_compute_dtype_from_config():
 
 def test_stages_build_networks_in_the_configured_dtype():
   """train.compute_dtype reaches the networks the stages train (params stay float32)."""
-  import types
-
   import jax
   import jax.numpy as jnp
 
-  from diffuseg_jax.stages import autoencoder, ffd_vae, segment
+  from diffuseg_jax.data import DataSpec
+  from diffuseg_jax.stages import autoencoder, diffusion, segment, student, teacher
   from tests.fixtures import default_config
 
   for name, dtype in (('float32', jnp.float32), ('bfloat16', jnp.bfloat16)):
     cfg = default_config()
     cfg.train.compute_dtype = name
     cfg.autoencoder.kind = 'kl'
-    data = types.SimpleNamespace(num_classes=2, channels=3, image_size=(16, 16))
-    ctx = types.SimpleNamespace(config=cfg, data=data, rng=lambda _: jax.random.key(0))
-    seg_model, init_params, _, _ = segment._parts(ctx, seed=0)
-    ae_model = autoencoder._parts(ctx)[0]
-    assert ffd_vae.build_model(ctx).dtype == seg_model.dtype == ae_model.dtype == dtype
-    params = init_params(jax.random.key(0))
+    spec = DataSpec(image_size=(16, 16), channels=3, num_classes=2)
+    seg = segment.task(cfg, spec, 'transfer', 0)
+    tasks = (teacher.task(cfg, spec), student.task(cfg, spec), autoencoder.task(cfg, spec), seg,
+             diffusion.task(cfg, (16, 16, 3)))
+    assert {t.model.dtype for t in tasks} == {dtype}
+    params = seg.init_params(jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}

@@ -15,7 +15,6 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.sampling import sampler, schedules
 
 T = 100
@@ -156,13 +155,13 @@ def test_sharded_batch_equals_unsharded():
 
 
 def test_settings_validation():
-  with pytest.raises(ConfigError, match='blend_mode'):
+  with pytest.raises(ValueError, match='blend_mode'):
     sampler.SamplerSettings(blend_mode='alpha')
-  with pytest.raises(ConfigError, match='num_steps'):
+  with pytest.raises(ValueError, match='num_steps'):
     sampler.SamplerSettings(num_steps=0)
-  with pytest.raises(ConfigError, match='blend_until'):
+  with pytest.raises(ValueError, match='blend_until'):
     sampler.SamplerSettings(blend_until=1.5)
-  with pytest.raises(ConfigError, match='num_timesteps'):
+  with pytest.raises(ValueError, match='num_timesteps'):
     sampler.blended_ddim_sample(eps_fn, ALPHAS, jax.random.key(0), *_inputs(),
                                 sampler.SamplerSettings(num_steps=10, num_timesteps=1000))
   assert hash(BASE) == hash(dataclasses.replace(BASE))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from diffuseg_jax.data.types import DomainData, Split, VolumeInfo
+from diffuseg_jax.data.types import DataSpec, DomainData, Split, VolumeInfo
 from diffuseg_jax.errors import ConfigError
 
 # name -> module under diffuseg_jax.data that defines `load(data_config, seed) -> DomainData`.
@@ -31,4 +31,4 @@ def load_domain_data(data_config, seed: int) -> DomainData:
   return module.load(data_config, seed)
 
 
-__all__ = ['DATASETS', 'DomainData', 'Split', 'VolumeInfo', 'load_domain_data']
+__all__ = ['DATASETS', 'DataSpec', 'DomainData', 'Split', 'VolumeInfo', 'load_domain_data']

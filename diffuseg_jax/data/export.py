@@ -1,4 +1,5 @@
-"""Writing synthetic image/label pairs as NIfTI, and exporting them as an nnU-Net v2 raw dataset.
+"""Writing synthetic image/label pairs as NIfTI, exporting them as an nnU-Net v2 raw dataset, and writing test
+predictions back onto the original volumes.
 
 A synthetic folder has the same shape as one split of the folder dataset (`data/folder.py`):
 `<out_dir>/images/<name>.nii.gz` (float32 intensities in [0, 1]) and `<out_dir>/labels/<name>.nii.gz`
@@ -11,6 +12,14 @@ nnU-Net v2 layout (`export_nnunet`):
   Dataset{ID:03d}_{name}/labelsTr/{case}.nii.gz
   Dataset{ID:03d}_{name}/dataset.json   channel_names, labels {name: index} (background 0), numTraining,
                                         file_ending ".nii.gz"
+
+Predictions on the original grid (`write_volume_predictions`): `<out_dir>/<case name>.nii.gz` per test
+volume. Each case's 2D slice predictions (model resolution) are put back with `volumes.reassemble` (undo the
+resize, restack the slices, undo the canonical reorientation), so the file has the original image's shape and
+is written with its original affine: it overlays the image in any viewer and can be scored by other tools.
+Labels are the dataset's RAW values (e.g. MSCMRseg 500/600/200, MM-WHS 500/.../850) where the loader recorded
+them (`VolumeInfo.extra['label_values']`), class indices otherwise. Slices a loader dropped
+(`data.empty_slices='drop'`) come back as background. 2D data (natural images, retina) gets no files.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import nibabel as nib
 import numpy as np
 
 from diffuseg_jax import atomic
-from diffuseg_jax.data import folder, imageio, nifti, transforms
+from diffuseg_jax.data import folder, imageio, nifti, transforms, volumes
+from diffuseg_jax.data.types import DomainData, Split
 from diffuseg_jax.errors import ConfigError, DataError, UserError
 
 _SAFE_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
@@ -200,3 +210,54 @@ def export_nnunet(
       name=dataset_name,
   ))
   return root
+
+
+def has_volumes(data: DomainData) -> bool:
+  """Physical (mm) test volumes with known slice positions: scored in 3D, predictions written back."""
+  test = data.test
+  return data.spacing_unit == 'mm' and bool(test.volumes) and test.slice_index is not None
+
+
+def to_raw_values(pred: np.ndarray, label_values) -> np.ndarray:
+  """Class indices -> the dataset's raw label values (`label_values[k]` for class k); unchanged if None."""
+  if label_values is None:
+    return pred
+  return np.asarray(label_values, np.int64)[pred]
+
+
+def _label_dtype(values: np.ndarray) -> np.dtype:
+  lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+  if lo >= 0 and hi <= 255:
+    return np.dtype(np.uint8)
+  return np.dtype(np.int16) if -32768 <= lo and hi <= 32767 else np.dtype(np.int32)
+
+
+def case_volumes(test: Split, pred: np.ndarray):
+  """Yields (VolumeInfo, label array on the original grid in raw values) per test case.
+
+  pred: int [N, H, W] class indices for the N test slices, in `test` order.
+  """
+  pred = np.asarray(pred)
+  if pred.shape != test.images.shape[:3]:
+    raise ValueError(f'predictions {pred.shape} do not match the test slices {test.images.shape[:3]}')
+  for case_id in sorted(test.volumes):
+    rows = test.case_ids == case_id
+    info = test.volumes[case_id]
+    grid = volumes.reassemble(pred[rows].astype(np.int32), test.slice_index[rows], info)
+    yield info, to_raw_values(grid, info.extra.get('label_values'))
+
+
+def write_volume_predictions(data: DomainData, pred: np.ndarray, out_dir: str) -> list[str]:
+  """Writes test predictions (int [N, H, W] class indices) as one NIfTI per case -> the files written.
+
+  Nothing for data without volumes (`has_volumes` False). Each file is written atomically
+  (`nifti.write_nifti`), so a killed run never leaves a half-written prediction.
+  """
+  if not has_volumes(data):
+    return []
+  written = []
+  for info, labels in case_volumes(data.test, pred):
+    path = os.path.join(out_dir, f'{info.name}.nii.gz')
+    nifti.write_nifti(path, labels, info.affine, dtype=_label_dtype(labels))
+    written.append(path)
+  return written

@@ -78,6 +78,20 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What a network is built from: slices of `image_size` (H, W) with `channels` channels, `num_classes`
+  classes (background included). The benchmarks build the same networks from a spec without any data."""
+
+  image_size: tuple[int, int]
+  channels: int
+  num_classes: int
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (*self.image_size, self.channels)
+
+
+@dataclasses.dataclass(frozen=True)
 class DomainData:
   """Everything DiffuSeg needs, from one dataset config.
 
@@ -110,3 +124,7 @@ class DomainData:
   @property
   def image_size(self) -> tuple[int, int]:
     return tuple(self.target.images.shape[1:3])
+
+  @property
+  def spec(self) -> DataSpec:
+    return DataSpec(self.image_size, self.channels, self.num_classes)

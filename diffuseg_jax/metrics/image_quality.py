@@ -111,3 +111,11 @@ def background_similarity(synthetic: np.ndarray, reference: np.ndarray, synth_ma
   if scores.size == 0:
     raise ValueError('background_similarity: no pair has any background pixel')
   return float(scores.mean())
+
+
+def psnr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Per-image PSNR (dB) of images [N, ...] in [-1, 1], measured on the [0, 1] scale."""
+  a = np.clip((x + 1) / 2, 0, 1)
+  b = np.clip((y + 1) / 2, 0, 1)
+  mse = np.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
+  return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))

@@ -9,7 +9,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.models import layers
 
 Array = jnp.ndarray
@@ -30,7 +29,7 @@ class KLAutoencoder(nn.Module):
   def __post_init__(self):
     f = self.downsample
     if not isinstance(f, int) or f < 2 or f & (f - 1):
-      raise ConfigError(f'autoencoder.downsample must be a power of two >= 2, got {f!r}')
+      raise ValueError(f'downsample must be a power of two >= 2, got {f!r}')
     super().__post_init__()
 
   @property
@@ -45,7 +44,7 @@ class KLAutoencoder(nn.Module):
 
   def encode(self, x: Array) -> tuple[Array, Array]:
     if x.shape[1] % self.downsample or x.shape[2] % self.downsample:
-      raise ConfigError(f'image size {x.shape[1]}x{x.shape[2]} is not divisible by autoencoder.downsample = '
+      raise ValueError(f'image size {x.shape[1]}x{x.shape[2]} is not divisible by downsample = '
                         f'{self.downsample}')
     return layers.split_moments(self.moments(self.encoder(x)))
 

@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import rearrange
 
-from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.models import layers
 
 Array = jnp.ndarray
@@ -51,17 +50,17 @@ class CondUNet(nn.Module):
 
   def __post_init__(self):
     if self.cond_mode not in COND_MODES:
-      raise ConfigError(f'diffusion.cond_mode must be one of {", ".join(COND_MODES)}, got {self.cond_mode!r}')
+      raise ValueError(f'cond_mode must be one of {", ".join(COND_MODES)}, got {self.cond_mode!r}')
     bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
     if bad:
-      raise ConfigError(f'diffusion.attention_levels {tuple(self.attention_levels)} must index channel_mult '
+      raise ValueError(f'attention_levels {tuple(self.attention_levels)} must index channel_mult '
                         f'(0..{len(self.channel_mult) - 1})')
     for lv in set(self.attention_levels) | {len(self.channel_mult) - 1}:
       width = self.base_channels * self.channel_mult[lv]
       if width % self.num_heads:
-        raise ConfigError(f'diffusion.num_heads={self.num_heads} must divide the width {width} of level {lv}')
+        raise ValueError(f'num_heads={self.num_heads} must divide the width {width} of level {lv}')
     if self.num_res_blocks < 1 or self.num_cond_tokens < 1:
-      raise ConfigError('diffusion.num_res_blocks and diffusion.num_cond_tokens must be >= 1')
+      raise ValueError('num_res_blocks and num_cond_tokens must be >= 1')
     super().__post_init__()
 
   @nn.compact
@@ -69,9 +68,9 @@ class CondUNet(nn.Module):
     b, h, w, _ = x_t.shape
     factor = 2 ** (len(self.channel_mult) - 1)
     if h % factor or w % factor:
-      raise ConfigError(f'latent size {h}x{w} is not divisible by 2^(len(diffusion.channel_mult) - 1) = {factor}')
+      raise ValueError(f'latent size {h}x{w} is not divisible by 2^(len(channel_mult) - 1) = {factor}')
     if z_dom.shape != (b, self.cond_dim):
-      raise ConfigError(f'z_dom has shape {z_dom.shape}, expected ({b}, {self.cond_dim}) (vae.z_dom_dim)')
+      raise ValueError(f'z_dom has shape {z_dom.shape}, expected ({b}, {self.cond_dim}) (the z_dom width)')
     dt = self.dtype
     emb_dim = 4 * self.base_channels
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax.traverse_util import flatten_dict
 
-from diffuseg_jax.errors import ConfigError, UserError
+from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.cond_unet import select_condition
 
 # Before the Flax classes are first touched: importing them already logs the notice.
@@ -114,7 +114,7 @@ class PretrainedCondUNet(nn.Module):
   def embed_condition(self, z_dom: Array, drop_cond: Array | None = None) -> Array:
     """[B, cond_dim] (+ [B] bool) -> context tokens [B, num_cond_tokens, cross_attention_dim]."""
     if z_dom.shape[-1] != self.cond_dim:
-      raise ConfigError(f'z_dom has width {z_dom.shape[-1]}, expected cond_dim={self.cond_dim} (vae.z_dom_dim)')
+      raise ValueError(f'z_dom has width {z_dom.shape[-1]}, expected cond_dim={self.cond_dim}')
     null_cond = self.param('null_cond', nn.initializers.normal(1.0), (self.cond_dim,), jnp.float32)
     cond = select_condition(z_dom, null_cond, drop_cond).astype(self.dtype)
     width = self.unet.cross_attention_dim
@@ -125,8 +125,8 @@ class PretrainedCondUNet(nn.Module):
 
   def __call__(self, x_t: Array, t: Array, z_dom: Array, drop_cond: Array | None = None) -> Array:
     if x_t.shape[-1] != self.unet.in_channels:
-      raise ConfigError(f'latent has {x_t.shape[-1]} channels but the pretrained UNet expects '
-                        f'{self.unet.in_channels} (autoencoder.latent_channels)')
+      raise ValueError(f'latent has {x_t.shape[-1]} channels but the pretrained UNet expects '
+                        f'{self.unet.in_channels} latent channels')
     context = self.embed_condition(z_dom, drop_cond)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
     out = self.unet(rearrange(x_t, 'b h w c -> b c h w'), t, context.astype(self.unet.dtype))

@@ -15,37 +15,27 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.models import layers
 
 Array = jnp.ndarray
 
 
-class _DomainEncoder(nn.Module):
-  """VEnc_phi: conv features -> global average pool -> Dense -> (mean, logvar) [B, z_dom_dim] float32."""
+class _Encoder(nn.Module):
+  """Conv features -> (mean, logvar), float32. Spatial (VEnc_theta, z_seg): a 3x3 conv, [B, H/2^L, W/2^L, out];
+  global (VEnc_phi, z_dom): global average pool -> Dense, [B, out]."""
 
   channels: tuple[int, ...]
-  z_dom_dim: int
+  out: int
+  spatial: bool
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array]:
     h = layers.ConvEncoder(self.channels, dtype=self.dtype, name='features')(x)
+    if self.spatial:
+      return layers.split_moments(layers.conv3x3(2 * self.out, self.dtype, 'moments')(h))
     h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-    return layers.split_moments(nn.Dense(2 * self.z_dom_dim, dtype=self.dtype, name='moments')(h))
-
-
-class _SegEncoder(nn.Module):
-  """VEnc_theta: conv features -> 3x3 conv -> (mean, logvar) [B, H/2^L, W/2^L, z_seg_channels] float32."""
-
-  channels: tuple[int, ...]
-  z_seg_channels: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
-    h = layers.ConvEncoder(self.channels, dtype=self.dtype, name='features')(x)
-    return layers.split_moments(layers.conv3x3(2 * self.z_seg_channels, self.dtype, 'moments')(h))
+    return layers.split_moments(nn.Dense(2 * self.out, dtype=self.dtype, name='moments')(h))
 
 
 class _ImageDecoder(nn.Module):
@@ -80,21 +70,18 @@ class FFDVAE(nn.Module):
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.levels < 1:
-      raise ConfigError(f'vae.levels must be >= 1, got {self.levels}')
+    layers.check_levels(self.levels)
     super().__post_init__()
 
   def setup(self):
     channels = layers.level_channels(self.base_channels, self.levels)
-    self.seg_encoder = _SegEncoder(channels, self.z_seg_channels, dtype=self.dtype)
-    self.dom_encoder = _DomainEncoder(channels, self.z_dom_dim, dtype=self.dtype)
+    self.seg_encoder = _Encoder(channels, self.z_seg_channels, spatial=True, dtype=self.dtype)
+    self.dom_encoder = _Encoder(channels, self.z_dom_dim, spatial=False, dtype=self.dtype)
     self.seg_decoder = layers.ConvDecoder(channels, self.num_classes, dtype=self.dtype)
     self.image_decoder = _ImageDecoder(channels, self.out_channels, dtype=self.dtype)
 
   def _check_size(self, x: Array):
-    factor = 2**self.levels
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ConfigError(f'image size {x.shape[1]}x{x.shape[2]} is not divisible by 2^vae.levels = {factor}')
+    layers.check_divisible(x, self.levels)
 
   def encode_seg(self, x: Array) -> tuple[Array, Array]:
     """x [B, H, W, C] -> posterior (mean, logvar) of z_seg, each [B, H/2^L, W/2^L, z_seg_channels]."""

@@ -18,9 +18,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.models import layers
 from diffuseg_jax.models.autoencoder import KLAutoencoder, build_kl_autoencoder
 
@@ -43,8 +43,8 @@ class LatentCodec:
 
   def _moments(self, x: Array) -> tuple[Array, Array]:
     if x.shape[-1] != self.image_channels:
-      raise ConfigError(f'{self.kind} latent codec expects {self.image_channels}-channel images, got '
-                        f'{x.shape[-1]} (data.channels)')
+      raise ValueError(f'{self.kind} latent codec expects {self.image_channels}-channel images, got '
+                        f'{x.shape[-1]}')
     if self.kind == 'kl':
       return self.module.apply({'params': self.params}, x, method='encode')
     from diffuseg_jax.models import diffusers_adapter  # only 'pretrained' codecs need diffusers
@@ -55,8 +55,8 @@ class LatentCodec:
     """x [B, H, W, C] -> scaled latent [B, H/f, W/f, latent_channels] float32."""
     if self.kind == 'identity':
       if x.shape[-1] != self.image_channels:
-        raise ConfigError(f'identity latent codec expects {self.image_channels}-channel images, got '
-                          f'{x.shape[-1]} (data.channels)')
+        raise ValueError(f'identity latent codec expects {self.image_channels}-channel images, got '
+                          f'{x.shape[-1]}')
       return self.scaling_factor * x.astype(jnp.float32)
     mean, logvar = self._moments(x)
     z = mean if rng is None else layers.gaussian_sample(mean, logvar, rng)
@@ -76,7 +76,7 @@ class LatentCodec:
   def latent_shape(self, image_size: int) -> tuple[int, int, int]:
     """(h, w, latent_channels) of the latent of an image_size x image_size image."""
     if image_size % self.downsample:
-      raise ConfigError(f'data.image_size={image_size} is not divisible by the latent downsample '
+      raise ValueError(f'image size {image_size} is not divisible by the latent downsample '
                         f'{self.downsample}')
     return (image_size // self.downsample, image_size // self.downsample, self.latent_channels)
 
@@ -108,7 +108,7 @@ def build_codec(autoencoder_config, channels: int, params: Any = None, dtype: An
 
   'kl' needs the trained KLAutoencoder `params`; 'pretrained' reads `autoencoder.path`. A None
   `autoencoder.scaling_factor` means 1 here (identity/kl) or the pretrained config's value; the autoencoder
-  stage replaces it by `estimate_scaling_factor` (1 / std of training latents) when it is None.
+  stage replaces it by `scaling_factor_for` (1 / std of training latents) when it is None.
   """
   kind = autoencoder_config.kind
   scale = autoencoder_config.scaling_factor
@@ -116,19 +116,18 @@ def build_codec(autoencoder_config, channels: int, params: Any = None, dtype: An
     return identity_codec(channels, 1.0 if scale is None else scale)
   if kind == 'kl':
     if params is None:
-      raise ConfigError("autoencoder.kind='kl' needs trained autoencoder params (run the autoencoder stage)")
+      raise ValueError("kind='kl' needs trained autoencoder params (run the autoencoder stage)")
     return kl_codec(build_kl_autoencoder(autoencoder_config, channels, dtype), params,
                     1.0 if scale is None else scale)
   if kind == 'pretrained':
     return pretrained_codec(autoencoder_config.path, scale, dtype)
-  raise ConfigError(f'autoencoder.kind must be one of {", ".join(KINDS)}, got {kind!r}')
+  raise ValueError(f'kind must be one of {", ".join(KINDS)}, got {kind!r}')
 
 
 def with_scaling_factor(codec: LatentCodec, scaling_factor: float) -> LatentCodec:
   return dataclasses.replace(codec, scaling_factor=float(scaling_factor))
 
 
-def estimate_scaling_factor(codec: LatentCodec, x: Array) -> float:
-  """1 / std of the unscaled posterior-mean latents of images x [N, H, W, C] (LDM's unit-variance rule)."""
-  z = jax.jit(lambda c, x: c.encode(x))(with_scaling_factor(codec, 1.0), x)
-  return float(1.0 / jnp.maximum(jnp.std(z), 1e-8))
+def scaling_factor_for(unscaled_latents: np.ndarray) -> float:
+  """LDM's unit-variance rule: 1 / std of the unscaled posterior-mean latents of training images."""
+  return float(1.0 / max(np.std(unscaled_latents), 1e-8))  # in the latents' dtype, as every earlier run

@@ -11,8 +11,6 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange, repeat
 
-from diffuseg_jax.errors import ConfigError
-
 Array = jnp.ndarray
 
 
@@ -21,7 +19,20 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   for groups in range(min(max_groups, channels), 0, -1):
     if channels % groups == 0:
       return groups
-  raise ConfigError(f'channel count must be positive, got {channels}')
+  raise ValueError(f'channel count must be positive, got {channels}')
+
+
+def check_levels(levels: int) -> None:
+  if levels < 1:
+    raise ValueError(f'levels must be >= 1, got {levels}')
+
+
+def check_divisible(x, levels: int) -> None:
+  """x [B, H, W, C]: H and W must halve `levels` (>= 1) times."""
+  check_levels(levels)
+  factor = 2**levels
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f'image size {x.shape[1]}x{x.shape[2]} is not divisible by 2^levels = {factor}')
 
 
 class GroupNorm(nn.Module):
@@ -44,7 +55,7 @@ class GroupNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     b, c, g = x.shape[0], x.shape[-1], self.num_groups
     if c % g:
-      raise ConfigError(f'GroupNorm: {c} channels do not split into {g} groups')
+      raise ValueError(f'GroupNorm: {c} channels do not split into {g} groups')
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     flat = x.astype(jnp.float32).reshape(b, -1, c)  # [B, N, C]
@@ -150,7 +161,7 @@ class AttentionBlock(nn.Module):
   def __call__(self, x: Array, context: Array | None = None) -> Array:
     b, h, w, c = x.shape
     if c % self.num_heads:
-      raise ConfigError(f'num_heads={self.num_heads} must divide the attention block width {c}')
+      raise ValueError(f'num_heads={self.num_heads} must divide the attention block width {c}')
     mha = lambda name: nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, qkv_features=c, out_features=c, dtype=self.dtype,
         force_fp32_for_softmax=True, name=name)

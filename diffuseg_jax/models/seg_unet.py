@@ -9,7 +9,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.models import layers
 
 Array = jnp.ndarray
@@ -27,17 +26,9 @@ class SegUNet(nn.Module):
   levels: int = 3
   dtype: Any = jnp.float32
 
-  def __post_init__(self):
-    if self.levels < 1:
-      raise ConfigError(f'segmentation.levels must be >= 1, got {self.levels}')
-    super().__post_init__()
-
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    factor = 2**self.levels
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ConfigError(
-          f'image size {x.shape[1]}x{x.shape[2]} is not divisible by 2^segmentation.levels = {factor}')
+    layers.check_divisible(x, self.levels)
     channels = layers.level_channels(self.base_channels, self.levels + 1)
     h = layers.conv3x3(channels[0], self.dtype, 'conv_in')(x.astype(self.dtype))
     skips = []

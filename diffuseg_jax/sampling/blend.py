@@ -21,8 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax.errors import ConfigError
-
 BLEND_MODES = ('hard', 'soft', 'pyramid')
 
 # Burt-Adelson's 5-tap generating kernel (a = 0.375), binomial; exact in binary floating point, so the
@@ -45,8 +43,8 @@ def mask_to_latent(mask: jax.Array, factor: int, threshold: float | None = 0.5) 
     raise ValueError(f'mask must be [B, H, W] or [B, H, W, 1], got shape {mask.shape}')
   _, h, w, _ = mask.shape
   if h % factor or w % factor:
-    raise ConfigError(f'mask size {h}x{w} is not divisible by the latent downsampling factor {factor} '
-                      '(config.data.image_size must be a multiple of config.autoencoder.downsample)')
+    raise ValueError(f'mask size {h}x{w} is not divisible by the latent downsampling factor {factor} '
+                      '(the image size must be a multiple of the autoencoder downsample)')
   frac = einops.reduce(mask.astype(jnp.float32), 'b (h fh) (w fw) c -> b h w c', 'mean', fh=factor, fw=factor)
   if threshold is None:
     return frac
@@ -143,4 +141,4 @@ def blend(x_dom: jax.Array, x_seg: jax.Array, mask: jax.Array, mode: str = 'hard
     lap_seg = laplacian_pyramid(x_seg, pyramid_levels)
     masks = gaussian_pyramid(mask, pyramid_levels)
     return collapse_pyramid([d * (1.0 - m) + s * m for d, s, m in zip(lap_dom, lap_seg, masks, strict=True)])
-  raise ConfigError(f'config.sampling.blend_mode={mode!r} is not one of {list(BLEND_MODES)}')
+  raise ValueError(f'blend_mode={mode!r} is not one of {list(BLEND_MODES)}')

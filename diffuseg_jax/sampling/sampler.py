@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.sampling import blend as blend_lib
 from diffuseg_jax.sampling import ddim, schedules
 
@@ -59,17 +58,18 @@ class SamplerSettings:
 
   def __post_init__(self):
     if not 1 <= self.num_steps <= self.num_timesteps:
-      raise ConfigError(f'config.sampling.num_steps={self.num_steps} must be in '
-                        f'[1, diffusion.num_timesteps={self.num_timesteps}]')
+      raise ValueError(f'num_steps={self.num_steps} must be in [1, num_timesteps={self.num_timesteps}]')
     if self.eta < 0:
-      raise ConfigError(f'config.sampling.eta={self.eta} must be >= 0')
+      raise ValueError(f'eta={self.eta} must be >= 0')
+    if self.guidance_scale < 0:
+      raise ValueError(f'guidance_scale={self.guidance_scale} must be >= 0')
     if self.blend_mode not in blend_lib.BLEND_MODES:
-      raise ConfigError(f'config.sampling.blend_mode={self.blend_mode!r} is not one of '
+      raise ValueError(f'blend_mode={self.blend_mode!r} is not one of '
                         f'{list(blend_lib.BLEND_MODES)}')
     if not 0.0 <= self.blend_until <= 1.0:
-      raise ConfigError(f'config.sampling.blend_until={self.blend_until} must be in [0, 1]')
+      raise ValueError(f'blend_until={self.blend_until} must be in [0, 1]')
     if self.pyramid_levels < 1:
-      raise ConfigError(f'config.sampling.pyramid_levels={self.pyramid_levels} must be >= 1')
+      raise ValueError(f'pyramid_levels={self.pyramid_levels} must be >= 1')
 
   @classmethod
   def from_config(cls, config: Any) -> SamplerSettings:
@@ -125,8 +125,8 @@ def _plan(alphas_cumprod: jax.Array | np.ndarray, settings: SamplerSettings):
   """Per-step scan inputs: (step index, t, a_t, a_prev, do_blend), each [S]."""
   num_timesteps = alphas_cumprod.shape[0]
   if num_timesteps != settings.num_timesteps:
-    raise ConfigError(f'the diffusion schedule has {num_timesteps} timesteps but the sampler was configured '
-                      f'with diffusion.num_timesteps={settings.num_timesteps}')
+    raise ValueError(f'the diffusion schedule has {num_timesteps} timesteps but the sampler was configured '
+                      f'with num_timesteps={settings.num_timesteps}')
   t, t_prev = schedules.ddim_timesteps(num_timesteps, settings.num_steps)
   index = np.arange(settings.num_steps, dtype=np.int32)
   do_blend = index < settings.blend_until * settings.num_steps

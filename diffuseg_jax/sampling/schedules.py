@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax.errors import ConfigError
-
 SCHEDULES = ('linear', 'scaled_linear', 'cosine')
 COSINE_S = 0.008  # Nichol & Dhariwal (2021) offset: keeps beta_0 from being vanishingly small
 MAX_BETA = 0.999  # cosine betas are clipped here to avoid a singular step at t = T - 1
@@ -30,16 +28,16 @@ class Schedule(NamedTuple):
 
 def make_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
                   beta_end: float = 2e-2) -> Schedule:
-  """Betas and alphas_cumprod of a named schedule (ConfigError for an unknown name).
+  """Betas and alphas_cumprod of a named schedule (ValueError for an unknown name).
 
   `linear`: betas linspace(b0, b1); `scaled_linear`: linspace(sqrt b0, sqrt b1)**2 (Stable Diffusion);
   `cosine` (Nichol & Dhariwal 2021): a_t = f(t+1)/f(0), f(t) = cos((t/T + s)/(1 + s) pi/2)^2, s = 0.008,
   betas clipped at 0.999 (beta_start / beta_end unused).
   """
   if name not in SCHEDULES:
-    raise ConfigError(f'config.diffusion.schedule={name!r} is not one of {list(SCHEDULES)}')
+    raise ValueError(f'schedule={name!r} is not one of {list(SCHEDULES)}')
   if int(num_timesteps) < 1:
-    raise ConfigError(f'config.diffusion.num_timesteps={num_timesteps} must be >= 1')
+    raise ValueError(f'num_timesteps={num_timesteps} must be >= 1')
   n = int(num_timesteps)
   if name == 'cosine':
     steps = np.arange(n + 1, dtype=np.float64) / n
@@ -47,7 +45,7 @@ def make_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
     betas = np.minimum(1.0 - f[1:] / f[:-1], MAX_BETA)
   else:
     if not 0.0 < beta_start <= beta_end < 1.0:
-      raise ConfigError(f'config.diffusion.beta_start={beta_start}, beta_end={beta_end}: '
+      raise ValueError(f'beta_start={beta_start}, beta_end={beta_end}: '
                         'need 0 < beta_start <= beta_end < 1')
     if name == 'linear':
       betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
@@ -76,7 +74,7 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> tuple[np.ndarray, np.n
   """
   n, s = int(num_timesteps), int(num_steps)
   if not 1 <= s <= n:
-    raise ConfigError(f'config.sampling.num_steps={num_steps} must be in [1, diffusion.num_timesteps={n}]')
+    raise ValueError(f'num_steps={num_steps} must be in [1, num_timesteps={n}]')
   i = np.arange(s, dtype=np.int64)
   t = ((s - i) * n) // s - 1
   t_prev = np.concatenate([t[1:], [-1]])

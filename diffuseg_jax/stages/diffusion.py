@@ -14,29 +14,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffuseg_jax import losses, runtime
-from diffuseg_jax.inference import batched_apply
+from diffuseg_jax import inference, losses, runtime
 from diffuseg_jax.models.cond_unet import build_cond_unet
 from diffuseg_jax.sampling import schedules
-from diffuseg_jax.stages import autoencoder, ffd_vae
-from diffuseg_jax.train import init as train_init
-from diffuseg_jax.train.loop import fit
+from diffuseg_jax.stages import autoencoder, student
 from diffuseg_jax.train.state import make_optimizer
+from diffuseg_jax.train.task import Task, final_step_reached, linen_init, named_rng
 
 
-def schedule(ctx) -> schedules.Schedule:
-  c = ctx.config.diffusion
+def schedule(config) -> schedules.Schedule:
+  c = config.diffusion
   return schedules.make_schedule(c.schedule, c.num_timesteps, c.beta_start, c.beta_end)
 
 
-def _parts(ctx):
-  """(codec, UNet module, init_params(key), optimiser). With diffusion.pretrained_unet_path, the UNet is a
-  local diffusers Flax UNet (fine-tuned here, its weights the starting point) behind a z_dom token projection."""
-  codec = autoencoder.load_codec(ctx)
-  cfg, cond_dim = ctx.config.diffusion, ctx.config.vae.z_dom_dim
-  h, w = ctx.data.image_size
-  f = codec.downsample
-  shape = (1, h // f, w // f, codec.latent_channels)
+def denoising_loss(model, alphas_cumprod, params, x0, z_dom, t, noise, drop):
+  """Eq. 7 for given timesteps t [B], noise (x0's shape) and condition-dropout flags drop [B]."""
+  x_t = schedules.q_sample(x0, t, noise, alphas_cumprod)
+  return losses.diffusion_loss(noise, model.apply({'params': params}, x_t, t, z_dom, drop))
+
+
+def loss_fn(model, cond_dropout, alphas_cumprod, params, batch, rng, frozen):
+  """`denoising_loss` with t uniform in [0, T), Gaussian noise and dropout Bernoulli(cond_dropout) from rng."""
+  del frozen
+  k_t, k_noise, k_drop = jax.random.split(rng, 3)
+  x0 = batch['latent']
+  b = x0.shape[0]
+  t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+  drop = jax.random.bernoulli(k_drop, cond_dropout, (b,))
+  return denoising_loss(model, alphas_cumprod, params, x0, batch['z_dom'], t, noise, drop), {}
+
+
+def task(config, latent_shape: tuple[int, int, int]) -> Task:
+  """The denoiser on latents [h, w, c]. With diffusion.pretrained_unet_path, a local diffusers Flax UNet
+  (fine-tuned here, its weights the starting point) behind a z_dom token projection."""
+  cfg, cond_dim = config.diffusion, config.vae.z_dom_dim
   if cfg.pretrained_unet_path:
     from diffuseg_jax.models import diffusers_adapter
 
@@ -46,71 +58,47 @@ def _parts(ctx):
     def init_params(key):
       return diffusers_adapter.init_pretrained_cond_unet(model, unet_params, key)['params']
   else:
-    model = build_cond_unet(cfg, channels=codec.latent_channels, cond_dim=cond_dim,
-                            dtype=runtime.compute_dtype(ctx.config))
+    model = build_cond_unet(cfg, channels=latent_shape[-1], cond_dim=cond_dim, dtype=runtime.compute_dtype(config))
+    init_params = linen_init(model, jax.ShapeDtypeStruct((1, *latent_shape), 'float32'),
+                             jax.ShapeDtypeStruct((1,), 'int32'), jax.ShapeDtypeStruct((1, cond_dim), 'float32'),
+                             jax.ShapeDtypeStruct((1,), 'bool'))
+  alphas = jnp.asarray(schedule(config).alphas_cumprod)
+  return Task(
+      name='diffusion', model=model, init_params=init_params,
+      loss_fn=functools.partial(loss_fn, model, float(cfg.cond_dropout), alphas),
+      optimizer=make_optimizer(cfg.learning_rate, cfg.steps, config.train), num_steps=int(cfg.steps),
+      batch_size=int(cfg.batch_size), checkpoint='diffusion', rng=named_rng(config.seed, 'diffusion'),
+      ema_decay=float(config.train.ema_decay), learning_rate_field='diffusion.learning_rate')
 
-    def init_params(key):
-      return model.init(key, jnp.zeros(shape), jnp.zeros((1,), jnp.int32), jnp.zeros((1, cond_dim)),
-                        jnp.zeros((1,), bool))['params']
 
-  tx = make_optimizer(ctx.config.diffusion.learning_rate, ctx.config.diffusion.steps, ctx.config.train)
-  return codec, model, init_params, tx
+def latent_shape(ctx, codec) -> tuple[int, int, int]:
+  h, w = ctx.data.image_size
+  return (h // codec.downsample, w // codec.downsample, codec.latent_channels)
 
 
-def domain_codes(ctx, images: np.ndarray, student=None) -> np.ndarray:
+def domain_codes(ctx, images: np.ndarray, student_model=None) -> np.ndarray:
   """z_dom [N, D]: posterior means of the student's domain encoder."""
-  model, params = student or ffd_vae.load(ctx, 'student')
-
-  @jax.jit
-  def encode(x, p):
-    return model.apply({'params': p}, x, method='encode_dom')[0]
-
-  return batched_apply(encode, images, ctx.config.eval.batch_size, ctx.mesh, args=(params,))
-
-
-def diffusion_step(model, cond_dropout, alphas_cumprod, state, batch, rng, frozen):
-  del frozen
-  rng = jax.random.fold_in(rng, state.step)
-  k_t, k_noise, k_drop = jax.random.split(rng, 3)
-  x0 = batch['latent']
-  b = x0.shape[0]
-  t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
-  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-  x_t = schedules.q_sample(x0, t, noise, alphas_cumprod)
-  drop = jax.random.bernoulli(k_drop, cond_dropout, (b,))
-
-  def loss_fn(params):
-    eps = model.apply({'params': params}, x_t, t, batch['z_dom'], drop)
-    return losses.diffusion_loss(noise, eps)
-
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  return state.apply_gradients(grads), {'loss': loss}
+  model, params = student_model or student.load(ctx)
+  return inference.batched_apply(functools.partial(inference.domain_codes, model=model), images,
+                                 ctx.config.eval.batch_size, ctx.mesh, args=(params,))
 
 
 def is_done(ctx) -> bool:
-  return train_init.final_step_reached(ctx.checkpoint_dir('diffusion'), ctx.config.diffusion.steps)
+  # Without building the task: that would restore the autoencoder (or read a pretrained UNet) just to look.
+  return final_step_reached(ctx.checkpoint_dir('diffusion'), int(ctx.config.diffusion.steps))
 
 
 def load(ctx):
   """(model, EMA params, codec) of the finished diffusion stage."""
-  codec, model, init_params, tx = _parts(ctx)
-  abstract = train_init.abstract_train_state(init_params, ctx.rng('diffusion'), tx, ctx.config.train.ema_decay)
-  ema_params = train_init.restore_final_ema_params(ctx.checkpoint_dir('diffusion'), abstract, ctx.mesh,
-                                                   'the diffusion UNet', ctx.restored)
-  return model, ema_params, codec
+  codec = autoencoder.load_codec(ctx)
+  t = task(ctx.config, latent_shape(ctx, codec))
+  return t.model, ctx.load(t), codec
 
 
 def run(ctx) -> None:
-  cfg = ctx.config.diffusion
-  codec, model, init_params, tx = _parts(ctx)
+  codec = autoencoder.load_codec(ctx)
   images = ctx.data.target.images
   z_dom = domain_codes(ctx, images)
   latents = autoencoder.encode_images(ctx, codec, images)
-  state = train_init.create_train_state(init_params, ctx.rng('diffusion'), tx, ctx.config.train.ema_decay, ctx.mesh)
-  alphas = jnp.asarray(schedule(ctx).alphas_cumprod)
-  fit(
-      stage='diffusion', ctx=ctx, state=state,
-      step_fn=functools.partial(diffusion_step, model, float(cfg.cond_dropout), alphas),
-      arrays={'latent': latents.astype(np.float32), 'z_dom': z_dom.astype(np.float32)},
-      batch_size=cfg.batch_size, num_steps=cfg.steps, rng=ctx.rng('diffusion'),
-  )
+  ctx.train(task(ctx.config, latent_shape(ctx, codec)),
+            {'latent': latents.astype(np.float32), 'z_dom': z_dom.astype(np.float32)})

@@ -10,21 +10,22 @@ metrics.json["evaluate"] (a stable shape for scripts):
                   fd_source_vs_target (the domain gap before synthesis), fd_target_vs_target_test (floor),
                   mbs_synthetic_vs_reference}
 Medical volumes: the first seed's test predictions of each strategy are also written on the original voxel
-grids, `predictions/<strategy>/<case>.nii.gz` (stages/volume_outputs.py). Then the report (report.md,
+grids, `predictions/<strategy>/<case>.nii.gz` (data/export.py). Then the report (report.md,
 figures) is written.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import functools
+
 import numpy as np
 
-from diffuseg_jax import logs, report
+from diffuseg_jax import inference, logs, report
+from diffuseg_jax.data import export
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.metrics import features, image_quality
 from diffuseg_jax.metrics.segmentation import evaluate_cases, summarise
-from diffuseg_jax.stages import ffd_vae, segment, volume_outputs
+from diffuseg_jax.stages import segment, student
 from diffuseg_jax.synthetic_io import load_synthetic
 
 SCORES = ('dice', 'iou', 'hd', 'hd95')
@@ -33,15 +34,12 @@ SCORES = ('dice', 'iou', 'hd', 'hd95')
 def is_done(ctx) -> bool:
   import os
 
-  return 'evaluate' in ctx.read_metrics() and os.path.exists(ctx.path('report.md'))
+  return 'evaluate' in ctx.read_results() and os.path.exists(ctx.path('report.md'))
 
 
 def predict(ctx, model, params, images: np.ndarray) -> np.ndarray:
-  @jax.jit
-  def infer(x, p):
-    return jnp.argmax(model.apply({'params': p}, x), -1).astype(jnp.int32)
-
-  return batched_apply(infer, images, ctx.config.eval.batch_size, ctx.mesh, args=(params,))
+  return batched_apply(functools.partial(inference.segment_labels, model=model), images,
+                       ctx.config.eval.batch_size, ctx.mesh, args=(params,))
 
 
 def aggregate_seeds(per_seed: list[dict]) -> dict:
@@ -77,7 +75,8 @@ def segmentation_results(ctx) -> tuple[dict, dict]:
     pred = predict(ctx, model, params, test.images)
     if strategy not in predictions:  # the first seed's predictions: figures and predictions/<strategy>/
       predictions[strategy] = pred
-      volume_outputs.write_predictions(ctx, strategy, pred)
+      if ctx.is_main_process:
+        export.write_volume_predictions(data, pred, ctx.path('predictions', strategy))
     summary = score_predictions(pred, test, data.class_names, volume_mode, ctx.config.eval.hd_percentile)
     summary['seed'] = seed
     grouped.setdefault(strategy, []).append(summary)
@@ -102,8 +101,7 @@ def score_predictions(pred: np.ndarray, test, class_names, volume_mode: bool, hd
 
 def is_volumetric(ctx) -> bool:
   """Medical volumes are scored in 3D (mm); 2D images (natural, retina) per image."""
-  test = ctx.data.test
-  return ctx.data.spacing_unit == 'mm' and test.volumes is not None and test.slice_index is not None
+  return export.has_volumes(ctx.data)
 
 
 def field_of_view(split) -> np.ndarray | None:
@@ -144,14 +142,10 @@ def image_quality_results(ctx) -> dict:
   # set, and their std (the ± in the report) would be 0 whatever the estimate's real spread.
   kid_mean, kid_std = image_quality.kernel_inception_distance(f_syn, f_real, subset_size=max(2, min(1000, n // 2)),
                                                               seed=ctx.config.seed)
-  model, params = ffd_vae.load(ctx, 'student')
-
-  @jax.jit
-  def pseudo(x, p):
-    return jnp.argmax(model.apply({'params': p}, x, sample=False)['seg_logits'], -1)
-
+  model, params = student.load(ctx)
   refs = data.target.images[synth['reference_index'][pick]]
-  ref_labels = batched_apply(pseudo, refs, cfg.batch_size, ctx.mesh, args=(params,))
+  ref_labels = batched_apply(functools.partial(inference.ffd_vae_labels, model=model), refs, cfg.batch_size,
+                             ctx.mesh, args=(params,))
   return {
       'feature_network': extractor.name,
       'num_images': int(n),
@@ -171,7 +165,7 @@ def run(ctx) -> None:
   result = {'strategies': strategies, 'image_quality': quality,
             'distance_unit': 'mm' if ctx.data.spacing_unit == 'mm' else 'px',
             'num_test_cases': int(len(np.unique(ctx.data.test.case_ids)))}
-  ctx.update_metrics('evaluate', result)
+  ctx.update_results('evaluate', result)
   if ctx.is_main_process:
     report.write_report(ctx, predictions)
   for name, r in strategies.items():

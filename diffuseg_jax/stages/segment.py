@@ -13,33 +13,48 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffuseg_jax import logs, losses, runtime
-from diffuseg_jax.config_validation import parse_strategies
+from diffuseg_jax.config_validation import parse_names
+from diffuseg_jax.data import DataSpec
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.seg_unet import build_seg_unet
 from diffuseg_jax.synthetic_io import load_synthetic
-from diffuseg_jax.train import init as train_init
-from diffuseg_jax.train.loop import fit
 from diffuseg_jax.train.state import make_optimizer
+from diffuseg_jax.train.task import Task, linen_init, named_rng
 
+STRATEGIES = ('transfer', 'self', 'semi', 'diffuseg')
 ORACLE = {'self', 'semi'}
 
 
 def runs(ctx) -> list[tuple[str, int]]:
-  strategies = parse_strategies(ctx.config.segmentation.strategies)
+  strategies = parse_names(ctx.config.segmentation.strategies, STRATEGIES, 'segmentation.strategies')
   return [(s, int(seed)) for s in strategies for seed in ctx.config.segmentation.seeds]
 
 
-def run_dir(ctx, strategy: str, seed: int) -> str:
-  return ctx.path('checkpoints', 'segment', f'{strategy}_seed{seed}')
+def loss_fn(model, params, batch, rng, frozen):
+  """Cross-entropy + soft Dice (foreground and background) on one-hot labels."""
+  del rng, frozen
+  ce, dice = losses.segmentation_losses(model.apply({'params': params}, batch['image']), batch['label'],
+                                        model.num_classes)
+  return ce + dice, {'ce': ce, 'dice_loss': dice}
+
+
+def task(config, spec: DataSpec, strategy: str, seed: int) -> Task:
+  cfg = config.segmentation
+  model = build_seg_unet(cfg, spec.num_classes, runtime.compute_dtype(config))
+  return Task(
+      name=f'segment_{strategy}_seed{seed}', model=model,
+      init_params=linen_init(model, jax.ShapeDtypeStruct((1, *spec.image_shape), 'float32')),
+      loss_fn=functools.partial(loss_fn, model), optimizer=make_optimizer(cfg.learning_rate, cfg.steps, config.train),
+      num_steps=int(cfg.steps), batch_size=int(cfg.batch_size), checkpoint=f'segment/{strategy}_seed{seed}',
+      rng=jax.random.fold_in(named_rng(config.seed, 'segment'), seed), ema_decay=float(config.train.ema_decay),
+      learning_rate_field='segmentation.learning_rate')
 
 
 def is_done(ctx) -> bool:
-  steps = ctx.config.segmentation.steps
-  return all(train_init.final_step_reached(run_dir(ctx, s, k), steps) for s, k in runs(ctx))
+  return all(ctx.is_trained(task(ctx.config, ctx.data.spec, s, k)) for s, k in runs(ctx))
 
 
 def training_arrays(ctx, strategy: str) -> dict[str, np.ndarray]:
@@ -60,55 +75,18 @@ def training_arrays(ctx, strategy: str) -> dict[str, np.ndarray]:
   }
 
 
-def _parts(ctx, seed: int):
-  cfg = ctx.config.segmentation
-  model = build_seg_unet(cfg, ctx.data.num_classes, runtime.compute_dtype(ctx.config))
-  shape = (1, *ctx.data.image_size, ctx.data.channels)
-
-  def init_params(key):
-    return model.init(key, jnp.zeros(shape, jnp.float32))['params']
-
-  tx = make_optimizer(cfg.learning_rate, cfg.steps, ctx.config.train)
-  rng = jax.random.fold_in(ctx.rng('segment'), seed)
-  return model, init_params, tx, rng
-
-
-def seg_step(model, num_classes, state, batch, rng, frozen):
-  """Cross-entropy + soft Dice (foreground and background) on one-hot labels."""
-  del rng, frozen
-
-  def loss_fn(params):
-    logits = model.apply({'params': params}, batch['image'])
-    ce = losses.cross_entropy(logits, batch['label'])
-    dice = losses.soft_dice_loss(jax.nn.softmax(logits), jax.nn.one_hot(batch['label'], num_classes))
-    return ce + dice, {'ce': ce, 'dice_loss': dice}
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads), {**metrics, 'loss': loss}
-
-
 def load(ctx, strategy: str, seed: int):
   """(model, EMA params) of one finished segmentation run."""
-  model, init_params, tx, rng = _parts(ctx, seed)
-  abstract = train_init.abstract_train_state(init_params, rng, tx, ctx.config.train.ema_decay)
-  ema_params = train_init.restore_final_ema_params(run_dir(ctx, strategy, seed), abstract, ctx.mesh,
-                                                   f'segmentation run {strategy} seed {seed}', ctx.restored)
-  return model, ema_params
+  t = task(ctx.config, ctx.data.spec, strategy, seed)
+  return t.model, ctx.load(t)
 
 
 def run(ctx) -> None:
-  cfg = ctx.config.segmentation
   for strategy, seed in runs(ctx):
-    if train_init.final_step_reached(run_dir(ctx, strategy, seed), cfg.steps):
+    t = task(ctx.config, ctx.data.spec, strategy, seed)
+    if ctx.is_trained(t):
       continue
     arrays = training_arrays(ctx, strategy)
-    model, init_params, tx, rng = _parts(ctx, seed)
-    state = train_init.create_train_state(init_params, rng, tx, ctx.config.train.ema_decay, ctx.mesh)
     note = ' (oracle: uses real target labels)' if strategy in ORACLE else ''
     logs.say(f'[segment] {strategy} seed {seed}: {len(arrays["image"])} training images{note}')
-    fit(
-        stage=f'segment_{strategy}_seed{seed}', ctx=ctx, state=state,
-        step_fn=functools.partial(seg_step, model, ctx.data.num_classes), arrays=arrays,
-        batch_size=cfg.batch_size, num_steps=cfg.steps, rng=rng, augment=cfg.augment,
-        checkpoint_dir=run_dir(ctx, strategy, seed),
-    )
+    ctx.train(t, arrays, augment=ctx.config.segmentation.augment)

@@ -1,28 +1,83 @@
 """Stage `student`: FFD-VAE T on unlabelled target images, distilled from the frozen teacher (eq. 1-6).
 
-After training, T's domain encoder gives z_dom for any target image and T's segmentation head gives
-target pseudo-labels. The stage then writes its diagnostics (`metrics.json["ffd_vae"]`, figures).
+Batches: {'image': [B,H,W,C] f32 in [-1,1]}. Loss (eq. 6): L_rec + lam (L_kd + alpha L_latent) + beta KL,
+the teacher S frozen (`losses.student_loss`). After training, T's domain encoder gives z_dom for any target
+image and T's segmentation head gives target pseudo-labels. The stage then writes the pair's diagnostics
+(metrics/ffd_vae_diagnostics.py) to `metrics.json["ffd_vae"]`, and figures.
 """
 
 from __future__ import annotations
 
 import functools
 
-from diffuseg_jax.stages import ffd_vae, ffd_vae_report
-from diffuseg_jax.train.loop import fit
+import jax
+
+from diffuseg_jax import figures, inference, logs, losses
+from diffuseg_jax.data import DataSpec
+from diffuseg_jax.metrics.ffd_vae_diagnostics import diagnostics
+from diffuseg_jax.stages import teacher
+from diffuseg_jax.train.task import Task
+
+
+def loss_fn(model, vae_config, params, batch, rng, teacher_params):
+  teacher_out = jax.lax.stop_gradient(model.apply({'params': teacher_params}, batch['image'], sample=False))
+  out = model.apply({'params': params}, batch['image'], sample=True, rngs={'latent': rng})
+  return losses.student_loss(
+      out, teacher_out, batch['image'], alpha=vae_config.alpha, lam=vae_config.lam, beta=vae_config.beta,
+      dist=vae_config.dist, latent_temperature=vae_config.latent_temperature)
+
+
+def task(config, spec: DataSpec) -> Task:
+  return teacher.ffd_vae_task(config, spec, 'student', loss_fn, config.vae.student_steps)
+
+
+def load(ctx):
+  """(model, EMA params) of the finished student."""
+  t = task(ctx.config, ctx.data.spec)
+  return t.model, ctx.load(t)
 
 
 def is_done(ctx) -> bool:
-  return ffd_vae.is_trained(ctx, 'student') and 'ffd_vae' in ctx.read_metrics()
+  return ctx.is_trained(task(ctx.config, ctx.data.spec)) and 'ffd_vae' in ctx.read_results()
 
 
 def run(ctx) -> None:
-  data, cfg = ctx.data, ctx.config.vae
-  _, teacher_params = ffd_vae.load(ctx, 'teacher')
-  model, state = ffd_vae.build_state(ctx, 'student')
-  step = functools.partial(ffd_vae.student_step, model, cfg)
-  fit(
-      stage='student', ctx=ctx, state=state, step_fn=step, arrays={'image': data.target.images},
-      batch_size=cfg.batch_size, num_steps=cfg.student_steps, rng=ctx.rng('student'), frozen=teacher_params,
-  )
-  ffd_vae_report.write(ctx)
+  data = ctx.data
+  teacher_params = ctx.load(teacher.task(ctx.config, data.spec))
+  student = task(ctx.config, data.spec)
+  ctx.train(student, {'image': data.target.images}, frozen=teacher_params)
+  write_diagnostics(ctx, student.model, teacher_params, ctx.load(student))
+
+
+def write_diagnostics(ctx, model, teacher_params, student_params) -> dict:
+  data, cfg = ctx.data, ctx.config
+  test = data.test
+  outputs = functools.partial(inference.ffd_vae_outputs, model=model)
+
+  def apply(images, params):
+    return inference.batched_apply(outputs, images, cfg.eval.batch_size, ctx.mesh, args=(params,))
+
+  source = data.source.images[:min(len(data.source), 1000)]
+  s_test, t_test = apply(test.images, teacher_params), apply(test.images, student_params)
+  result = diagnostics(test, data.class_names, s_test, t_test, apply(source, teacher_params),
+                       apply(source, student_params), cfg.seed)
+  ctx.update_results('ffd_vae', result)
+  if ctx.is_main_process:
+    k = min(cfg.eval.num_figure_examples, len(test))
+    figures.image_rows(
+        [test.images[:k], s_test['recon'][:k], t_test['recon'][:k]],
+        ['target image', 'S (teacher)\nreconstruction', 'T (student)\nreconstruction'],
+        ctx.path('figures', 'ffd_vae_reconstructions.png'),
+        title=f'PSNR on target test: S {result["teacher_psnr_target"]:.1f} dB, '
+              f'T {result["student_psnr_target"]:.1f} dB',
+    )
+    figures.image_rows(
+        [test.images[:k], test.images[:k], test.images[:k]],
+        ['ground truth', 'S (teacher)', 'T (student)'],
+        ctx.path('figures', 'ffd_vae_segmentations.png'),
+        labels=[test.labels[:k], s_test['seg'][:k], t_test['seg'][:k]], num_classes=data.num_classes,
+        title=f'target test Dice: S {result["teacher_dice_target"]:.3f}, T {result["student_dice_target"]:.3f}',
+    )
+  logs.say('[student] FFD-VAE diagnostics: ' + ', '.join(
+      f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}' for k, v in result.items()))
+  return result

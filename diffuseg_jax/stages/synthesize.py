@@ -32,13 +32,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from diffuseg_jax import figures, logs, synthetic_io
+from diffuseg_jax import figures, inference, logs, synthetic_io
 from diffuseg_jax.data import export
 from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.inference import batched_apply
-from diffuseg_jax.sampling import blend as blend_lib
-from diffuseg_jax.sampling.sampler import SamplerSettings, blended_ddim_sample
-from diffuseg_jax.stages import diffusion, ffd_vae
+from diffuseg_jax.sampling import synthesis
+from diffuseg_jax.sampling.sampler import SamplerSettings
+from diffuseg_jax.stages import diffusion, student
 
 NNUNET_DATASET_ID = 501  # synthetic/nnunet/Dataset501_<data.name>: medical (NIfTI) data only
 
@@ -50,8 +50,8 @@ def masks_for(ctx) -> np.ndarray:
     masks = data.source.labels
   elif cfg.mask_set == 'test':
     masks = data.test.labels
-  else:
-    raise ConfigError(f"config.sampling.mask_set={cfg.mask_set!r} must be 'source' or 'test'")
+  else:  # config_validation.MASK_SETS
+    raise ConfigError(f'config.sampling.mask_set={cfg.mask_set!r} is not one of source, test')
   if cfg.num_masks is not None:
     masks = masks[: int(cfg.num_masks)]
   return np.asarray(masks, np.int32)
@@ -81,7 +81,7 @@ def num_shards(ctx) -> int:
 
 def is_done(ctx) -> bool:
   return os.path.exists(os.path.join(synthetic_io.synthetic_dir(ctx), 'manifest.jsonl')) and \
-      'synthesize' in ctx.read_metrics()
+      'synthesize' in ctx.read_results()
 
 
 def reference_indices(num_masks: int, num_targets: int, seed: int) -> np.ndarray:
@@ -102,11 +102,8 @@ def class_appearance(ctx, student) -> dict[str, np.ndarray]:
   images = ctx.data.target.images
   k = ctx.data.num_classes
 
-  @jax.jit
-  def pseudo(x, p):
-    return jnp.argmax(model.apply({'params': p}, x, sample=False)['seg_logits'], -1)
-
-  labels = batched_apply(pseudo, images, ctx.config.eval.batch_size, ctx.mesh, args=(params,))
+  labels = batched_apply(functools.partial(inference.ffd_vae_labels, model=model), images,
+                         ctx.config.eval.batch_size, ctx.mesh, args=(params,))
   return appearance_statistics(images, labels, k)
 
 
@@ -158,14 +155,14 @@ def run(ctx) -> None:
   masks = masks_for(ctx)
   shards = num_shards(ctx)
   settings = SamplerSettings.from_config(ctx.config)
-  student = ffd_vae.load(ctx, 'student')
+  student_model = student.load(ctx)
   unet, unet_params, codec = diffusion.load(ctx)
   if cfg.clip_x0 is None and codec.kind == 'identity':  # pixel space: images lie in [-1, 1]
     settings = dataclasses.replace(settings, clip_x0=1.0)
-  alphas = jnp.asarray(diffusion.schedule(ctx).alphas_cumprod)
-  z_dom_all = diffusion.domain_codes(ctx, data.target.images, student)
+  alphas = jnp.asarray(diffusion.schedule(ctx.config).alphas_cumprod)
+  z_dom_all = diffusion.domain_codes(ctx, data.target.images, student_model)
   refs = reference_indices(len(masks), len(data.target), ctx.config.seed)
-  appearance = class_appearance(ctx, student) if cfg.region_content == 'rendered' else None
+  appearance = class_appearance(ctx, student_model) if cfg.region_content == 'rendered' else None
 
   # Synthesis runs on this process's devices only: processes work on disjoint shards independently.
   local = Mesh(np.asarray(jax.local_devices()), ('data',))
@@ -174,19 +171,9 @@ def run(ctx) -> None:
   repl, rows = NamedSharding(local, P()), NamedSharding(local, P('data'))
   host = jax.tree.map(np.asarray, jax.device_get((unet_params, codec)))
   unet_params, codec = jax.device_put(host, repl)
-  f = codec.downsample
-
-  @functools.partial(jax.jit, in_shardings=(repl, repl, repl, rows, rows, rows), out_shardings=(rows, rows))
-  def synthesise(params, codec, key, region_image, mask, z_dom):
-    region = codec.encode(region_image)
-    m = blend_lib.mask_to_latent(mask, f)
-
-    def eps_fn(x, t, z, drop):
-      return unet.apply({'params': params}, x, t, z, drop)
-
-    x0, _ = blended_ddim_sample(eps_fn, alphas, key, region, m, z_dom, settings)
-    err = jnp.max(jnp.abs(x0 - region) * m, axis=(1, 2, 3))
-    return jnp.clip(codec.decode(x0), -1.0, 1.0), err
+  # The schedule is bound as a constant (as the sampler was first measured); params and data are arguments.
+  synthesise = jax.jit(functools.partial(synthesis.synthesize, unet, settings, alphas),
+                       in_shardings=(repl, repl, repl, rows, rows, rows), out_shardings=(rows, rows))
 
   mine = [k for k in range(shards) if k % jax.process_count() == jax.process_index()]
   todo = [k for k in mine if not synthetic_io.shard_done(root, k)]
@@ -245,7 +232,7 @@ def run(ctx) -> None:
   if appearance is not None:
     result['class_appearance_mean'] = appearance['mean'].tolist()
     result['class_appearance_std'] = appearance['std'].tolist()
-  ctx.update_metrics('synthesize', result)
+  ctx.update_results('synthesize', result)
   synth = synthetic_io.load_synthetic(ctx)
   n = min(ctx.config.eval.num_figure_examples, count)
   figures.synthesis_figure(synth['label'][:n], synth['image'][:n], data.target.images[synth['reference_index'][:n]],

@@ -1,23 +1,54 @@
-"""Stage `teacher`: FFD-VAE S on labelled source images (paper section III-B)."""
+"""Stage `teacher`: FFD-VAE S on labelled source images (paper section III-B).
+
+Batches: {'image': [B,H,W,C] f32 in [-1,1], 'label': [B,H,W] int32}. Loss: seg_weight (CE + soft Dice),
+L2 reconstruction, beta (KL(z_seg) + KL(z_dom)) (`losses.teacher_loss`).
+"""
 
 from __future__ import annotations
 
 import functools
 
-from diffuseg_jax.stages import ffd_vae
-from diffuseg_jax.train.loop import fit
+import jax
+
+from diffuseg_jax import losses, runtime
+from diffuseg_jax.data import DataSpec
+from diffuseg_jax.models.ffd_vae import build_ffd_vae
+from diffuseg_jax.train.state import make_optimizer
+from diffuseg_jax.train.task import Task, linen_init, named_rng
+
+
+def ffd_vae_task(config, spec: DataSpec, role: str, loss_fn, num_steps: int) -> Task:
+  """The FFD-VAE network as the task `role` ('teacher' or 'student'): same architecture, own loss and steps."""
+  cfg = config.vae
+  model = build_ffd_vae(cfg, num_classes=spec.num_classes, channels=spec.channels,
+                        dtype=runtime.compute_dtype(config))
+  return Task(
+      name=role, model=model,
+      init_params=linen_init(model, jax.ShapeDtypeStruct((1, *spec.image_shape), 'float32'),
+                             rng_names=('params', 'latent')),
+      loss_fn=functools.partial(loss_fn, model, cfg),
+      optimizer=make_optimizer(cfg.learning_rate, num_steps, config.train),
+      num_steps=int(num_steps), batch_size=int(cfg.batch_size), checkpoint=role, rng=named_rng(config.seed, role),
+      ema_decay=float(config.train.ema_decay), learning_rate_field='vae.learning_rate')
+
+
+def loss_fn(model, vae_config, params, batch, rng, frozen, *, sample: bool = True):
+  """CE + soft Dice on source labels, L2 reconstruction, beta * KL. `sample=False` uses posterior means
+  (deterministic; the benchmarks compare it across frameworks)."""
+  del frozen
+  out = model.apply({'params': params}, batch['image'], sample=sample, rngs={'latent': rng})
+  return losses.teacher_loss(out, batch['image'], batch['label'], num_classes=model.num_classes,
+                             beta=vae_config.beta, seg_weight=vae_config.seg_weight)
+
+
+def task(config, spec: DataSpec) -> Task:
+  return ffd_vae_task(config, spec, 'teacher', loss_fn, config.vae.teacher_steps)
 
 
 def is_done(ctx) -> bool:
-  return ffd_vae.is_trained(ctx, 'teacher')
+  return ctx.is_trained(task(ctx.config, ctx.data.spec))
 
 
 def run(ctx) -> None:
-  data, cfg = ctx.data, ctx.config.vae
-  model, state = ffd_vae.build_state(ctx, 'teacher')
-  step = functools.partial(ffd_vae.teacher_step, model, cfg, data.num_classes)
-  fit(
-      stage='teacher', ctx=ctx, state=state, step_fn=step,
-      arrays={'image': data.source.images, 'label': data.source.labels},
-      batch_size=cfg.batch_size, num_steps=cfg.teacher_steps, rng=ctx.rng('teacher'), augment=False,
-  )
+  data = ctx.data
+  ctx.train(task(ctx.config, data.spec), {'image': data.source.images, 'label': data.source.labels})

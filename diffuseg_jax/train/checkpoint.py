@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
+from diffuseg_jax import logs
 
 # Orbax splits every replicated array into one slice per replica so that replicas write in parallel. For the
 # small arrays of these networks that costs one eager slice per array and device (about 25,000 dispatches per
@@ -84,10 +84,9 @@ class StageCheckpointer:
         return restored['state'], dict(restored['data'] or {}), s
       except Exception as e:  # noqa: BLE001 - any failure means "unusable checkpoint"
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        log.warning('checkpoint %s/%d failed to restore (%s); trying the previous one', self.directory, s, msg)
+        logs.say(f'warning: checkpoint {self.directory}/{s} is unreadable ({msg}); moved to '
+                 f'{self.directory}.unreadable/; trying the previous one')
         if jax.process_index() == 0:
-          print(f'warning: checkpoint {self.directory}/{s} is unreadable ({msg}); moved to '
-                f'{self.directory}.unreadable/{s}; using the previous one')
           self._quarantine(s)
     return None
 

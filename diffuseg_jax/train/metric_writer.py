@@ -1,4 +1,4 @@
-"""Metrics out: `metrics.jsonl` (one JSON object per logged step) and TensorBoard event files.
+"""Training curves out: `metrics.jsonl` (one JSON object per logged step) and TensorBoard event files.
 
 Only process 0 writes. Each line: {"stage": ..., "step": ..., "<metric>": float, ...}.
 """
@@ -37,7 +37,8 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str, stage: str | None = None) -> list[dict]:
+def read_training_log(workdir: str, stage: str | None = None) -> list[dict]:
+  """The rows of `metrics.jsonl` (of one task name when `stage` is given), skipping a line cut by a kill."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []

@@ -1,0 +1,60 @@
+"""Diagnostics of a trained FFD-VAE pair: are S and T any good, and is z_dom informative?
+
+`diagnostics(...)` gives metrics.json["ffd_vae"]:
+  teacher_dice_target / student_dice_target: mean Dice on the labelled target test split (segmentation heads)
+  student_psnr_target / teacher_psnr_target: reconstruction PSNR (dB, images mapped to [0, 1])
+  z_dom_variance_mean: mean over dims of the variance across target test images of T's posterior mean;
+  z_dom_active_dims: dims with that variance > 0.01 (the "active units" criterion of Burda et al.)
+  z_dom_kl_per_dim: mean KL(q(z_dom|x) || N(0, I)) per dim (0 = collapsed to the prior)
+  probe_accuracy_student / _teacher: 5-fold accuracy of a logistic-regression probe that tells source from
+    target images by their z_dom codes (0.5 = uninformative, 1.0 = perfectly domain-specific)
+Inputs are host outputs of `inference.ffd_vae_outputs`: dicts of seg int [N, H, W], recon [N, H, W, C],
+dom_mean / dom_logvar [N, D].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+
+from diffuseg_jax.data import Split
+from diffuseg_jax.metrics.image_quality import psnr
+from diffuseg_jax.metrics.segmentation import evaluate_cases, summarise
+
+
+def probe_accuracy(codes_a: np.ndarray, codes_b: np.ndarray, seed: int) -> float:
+  n = min(len(codes_a), len(codes_b), 1000)
+  x = np.concatenate([codes_a[:n], codes_b[:n]])
+  y = np.concatenate([np.zeros(n), np.ones(n)])
+  folds = min(5, n)
+  if folds < 2:
+    return float('nan')
+  clf = LogisticRegression(max_iter=2000, random_state=seed)
+  return float(np.mean(cross_val_score(clf, x, y, cv=folds)))
+
+
+def diagnostics(test: Split, class_names, teacher_test: dict, student_test: dict, teacher_source: dict,
+                student_source: dict, seed: int) -> dict:
+  """The metrics above from S's and T's outputs on the target test split and on source images."""
+
+  def dice(pred):
+    per_case = evaluate_cases(pred, test.labels, test.case_ids, len(class_names), test.spacing,
+                              volume_mode=False, slice_index=test.slice_index)
+    return summarise(per_case, class_names)['dice_mean']
+
+  var = np.var(student_test['dom_mean'], axis=0)
+  logvar = student_test['dom_logvar']
+  kl = 0.5 * (np.exp(logvar) + student_test['dom_mean'] ** 2 - 1.0 - logvar)
+  return {
+      'teacher_dice_target': dice(teacher_test['seg']),
+      'student_dice_target': dice(student_test['seg']),
+      'teacher_psnr_target': float(np.mean(psnr(teacher_test['recon'], test.images))),
+      'student_psnr_target': float(np.mean(psnr(student_test['recon'], test.images))),
+      'z_dom_variance_mean': float(np.mean(var)),
+      'z_dom_active_dims': int(np.sum(var > 0.01)),
+      'z_dom_dims': int(var.shape[0]),
+      'z_dom_kl_per_dim': float(np.mean(kl)),
+      'probe_accuracy_student': probe_accuracy(student_source['dom_mean'], student_test['dom_mean'], seed),
+      'probe_accuracy_teacher': probe_accuracy(teacher_source['dom_mean'], teacher_test['dom_mean'], seed),
+  }

@@ -118,7 +118,7 @@ def jax_train(net: Net, train_config):
 def jax_loss(net: Net, params, batch: dict[str, jax.Array], fixed: dict[str, jax.Array]) -> jax.Array:
   """The task's loss with its randomness fixed (t, noise, drop from `fixed`; FFD-VAE posterior means)."""
   if net.name == 'teacher':
-    return teacher.loss_fn(net.model, net.extra['vae'], params, batch, None, None, sample=False)[0]
+    return teacher.loss_fn(net.model, net.extra['vae'], params, batch, jax.random.key(0), None, sample=False)[0]
   if net.name == 'diffusion':
     return diffusion.denoising_loss(net.model, jnp.asarray(net.extra['alphas_cumprod']), params,
                                     batch['latent'], batch['z_dom'], fixed['t'], fixed['noise'], fixed['drop'])

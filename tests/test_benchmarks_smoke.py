@@ -48,6 +48,26 @@ def test_train_step_harness_runs(capsys):
   assert capsys.readouterr().out.strip().splitlines()[-1].startswith('train_vs_torch=')
 
 
+@pytest.mark.parametrize('network', train_step.NETWORKS)
+def test_fixed_randomness_loss_is_the_pipelines_loss(network):
+  """The torch check's loss (`jax_loss`, randomness given) equals the task's own `loss_fn` fed the draws it
+  makes from its key: the benchmark compares the loss the pipeline trains with."""
+  net = train_step.make_net('mscmr', network, quick=True)
+  batch = {k: jnp.asarray(v) for k, v in train_step.make_batch(net, 2).items()}
+  rng, fixed = jax.random.key(3), {}
+  if network == 'diffusion':
+    k_t, k_noise, k_drop = jax.random.split(rng, 3)
+    fixed = {'t': jax.random.randint(k_t, (2,), 0, len(net.extra['alphas_cumprod'])),
+             'noise': jax.random.normal(k_noise, batch['latent'].shape),
+             'drop': jax.random.bernoulli(k_drop, net.extra['cond_dropout'], (2,))}
+  got = train_step.jax_loss(net, net.params, batch, fixed)
+  if network == 'teacher':  # posterior means: the task's loss without its sampling
+    want = net.task.loss_fn.func(*net.task.loss_fn.args, net.params, batch, rng, None, sample=False)[0]
+  else:
+    want = net.task.loss_fn(net.params, batch, rng, None)[0]
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
 def test_bf16_subset_of_impls_and_lowered_flops():
   """--dtype=bfloat16 with --impls=scan: only the scan row, the bf16 UNet, and FLOPs from the lowered program
   (the same count as float32: cost analysis before backend passes does not depend on the compute dtype)."""

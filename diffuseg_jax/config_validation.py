@@ -11,7 +11,6 @@ no compute), so a size that a later stage would reject stops the run before the 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 from collections.abc import Iterator
 
@@ -24,9 +23,11 @@ from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.losses import KD_DISTS
 from diffuseg_jax.models.cond_unet import COND_MODES
 from diffuseg_jax.models.latent import KINDS
+from diffuseg_jax.options import parse_names
 from diffuseg_jax.sampling import schedules
 from diffuseg_jax.sampling.blend import BLEND_MODES
 from diffuseg_jax.sampling.sampler import SamplerSettings
+from diffuseg_jax.stages import autoencoder, diffusion, segment, teacher
 
 REGION_CONTENTS = ('rendered', 'label')  # sampling.region_content (stages/synthesize.py renders both)
 MASK_SETS = ('source', 'test')  # sampling.mask_set
@@ -51,6 +52,7 @@ POSITIVE_INTS = (
     'checkpoint.preemption_check_every',
     'train.log_every',
 )
+OPTIONAL_POSITIVE_INTS = ('sampling.num_masks',)  # None or a positive integer
 POSITIVE_FLOATS = ('vae.learning_rate', 'autoencoder.learning_rate', 'diffusion.learning_rate',
                    'segmentation.learning_rate')
 UNIT_INTERVAL = ('diffusion.cond_dropout', 'train.ema_decay')
@@ -73,16 +75,6 @@ def config_section(name: str) -> Iterator[None]:
     raise ConfigError(f'config.{name}: {e}') from None
 
 
-def parse_names(value: str, choices: tuple[str, ...], field: str) -> list[str]:
-  """A comma-separated list of names from `choices` (e.g. config.stages), in the order given."""
-  names = [s.strip() for s in str(value).split(',') if s.strip()]
-  unknown = [s for s in names if s not in choices]
-  if unknown or not names:
-    hint = ''.join(f' (did you mean {m[0]!r}?)' for u in unknown if (m := difflib.get_close_matches(u, choices, 1)))
-    raise ConfigError(f'config.{field}={value!r}: unknown {unknown}{hint}; choose from {",".join(choices)}')
-  return names
-
-
 def parse_stages(stages: str, all_stages: tuple[str, ...]) -> list[str]:
   names = parse_names(stages, all_stages, 'stages')
   return [s for s in all_stages if s in names]
@@ -90,16 +82,17 @@ def parse_stages(stages: str, all_stages: tuple[str, ...]) -> list[str]:
 
 def validate(config) -> None:
   """Every check that needs only the config."""
-  from diffuseg_jax.stages import segment  # the stage owns its strategy list
-
   for key, choices in CHOICES.items():
     value = get(config, key)
     if value not in choices:
       raise ConfigError(f'config.{key}={value!r} is not one of {", ".join(map(str, choices))}')
-  for key in POSITIVE_INTS:
+  for key in POSITIVE_INTS + OPTIONAL_POSITIVE_INTS:
     value = get(config, key)
+    optional = key in OPTIONAL_POSITIVE_INTS
+    if optional and value is None:
+      continue
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ConfigError(f'config.{key}={value!r} must be a positive integer')
+      raise ConfigError(f'config.{key}={value!r} must be a positive integer' + (' or None' if optional else ''))
   for key in POSITIVE_FLOATS:
     value = get(config, key)
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -124,15 +117,13 @@ def validate(config) -> None:
                       f'(e.g. --config.data.root=/path/to/data)')
   if config.autoencoder.kind == 'pretrained' and not config.autoencoder.path:
     raise ConfigError('config.autoencoder.path is required for autoencoder.kind=pretrained')
-  parse_names(config.segmentation.strategies, segment.STRATEGIES, 'segmentation.strategies')
+  parse_names(config.segmentation.strategies, segment.STRATEGIES, 'segmentation.strategies')  # the stage's list
 
 
 def check_networks(config, spec: DataSpec) -> None:
   """Builds every network the run trains, at the data's shapes, without computing anything: a size or width
   that a network rejects stops here with its config section. A pretrained diffusers UNet is checked when
   its stage loads it (that needs its weights)."""
-  from diffuseg_jax.stages import autoencoder, diffusion, segment, teacher
-
   checks = []
   with config_section('vae'):
     checks.append(('vae', teacher.task(config, spec)))

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 
 from diffuseg_jax import logs, losses, runtime
-from diffuseg_jax.config_validation import parse_names
 from diffuseg_jax.data import DataSpec
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.seg_unet import build_seg_unet
+from diffuseg_jax.options import parse_names
 from diffuseg_jax.synthetic_io import load_synthetic
 from diffuseg_jax.train.state import make_optimizer
 from diffuseg_jax.train.task import Task, linen_init, named_rng

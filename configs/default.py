@@ -71,6 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       student_steps=1500,
       batch_size=64,
       learning_rate=1e-3,
+      # Student T: random flips / 90-degree rotations of the target images (training batches only). For
+      # few-shot targets; off by default (every published run trained without it).
+      augment_target=False,
   )
 
   # Latent space of the diffusion model (stage `autoencoder`).
@@ -105,6 +108,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       steps=4000,
       batch_size=64,
       learning_rate=2e-4,
+      # Random flips / 90-degree rotations of the target latents (z_dom kept: the domain code of the
+      # unrotated image; exact for pixel space, approximate through an autoencoder). For few-shot targets;
+      # off by default (every published run trained without it).
+      augment=False,
   )
 
   # Blended DDIM synthesis (stage `synthesize`).
@@ -119,9 +126,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       region_content='rendered',  # rendered (per-class target appearance) | label (literal label map)
       mask_union=True,  # blend with the union of foreground classes (True) or all classes incl. background
       mask_set='source',  # source | test (test: the labels are the test split's, so its scores are an ORACLE)
-      num_masks=placeholder(int),  # None: every mask of the mask set
+      # Pairs to synthesise. None: one per mask of the mask set; more than the masks: further passes over
+      # all masks, each in a seeded order (stages/synthesize.py mask_plan), each pair with its own reference.
+      num_masks=placeholder(int),
       batch_size=64,
-      shard_size=256,  # masks per atomically written output shard
+      shard_size=256,  # pairs per atomically written output shard
       save_trajectory=False,
       clip_x0=placeholder(float),  # None: 1.0 in pixel space (images in [-1, 1]), no clipping for latents
   )

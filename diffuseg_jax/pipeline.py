@@ -16,7 +16,7 @@ import time
 import jax
 import ml_collections
 
-from diffuseg_jax import atomic, logs
+from diffuseg_jax import atomic, logs, report
 from diffuseg_jax.config_validation import check_networks, parse_stages, validate
 from diffuseg_jax.context import Context
 from diffuseg_jax.stages import STAGES
@@ -34,10 +34,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   check_networks(config, ctx.data.spec)  # load and check the data, then every network, before any output
   _prepare_workdir(workdir)
   logs.setup(workdir)
+  counts = report.data_counts(ctx.data)
+  ctx.update_results('data', counts)  # process 0 only
   if ctx.is_main_process:
     atomic.write_text(ctx.path('config.json'), config.to_json_best_effort(indent=2) + '\n')
     logs.say(f'diffuseg_jax: workdir {os.path.abspath(workdir)}; {jax.device_count()} device(s) '
          f'({jax.devices()[0].platform}), {jax.process_count()} process(es); stages: {", ".join(selected)}')
+    logs.say(f'data: {counts["num_source"]} source, {counts["num_target"]} target (training), '
+             f'{counts["num_test"]} test images' + ('; few-shot target' if counts['few_shot_target'] else ''))
   for name in selected:
     module = stage_module(name)
     if module.is_done(ctx):

@@ -20,6 +20,41 @@ STRATEGY_TEXT = {
 }
 
 
+# Fewer target training images than this: the report flags a few-shot target domain.
+FEW_SHOT_TARGET = 10
+
+
+def data_counts(data) -> dict:
+  """metrics.json["data"]: images (2D slices) and cases (subjects / volumes / images) of each split, and
+  whether the target is few-shot (fewer than FEW_SHOT_TARGET training images)."""
+  out: dict = {}
+  for name in ('source', 'target', 'test'):
+    split = getattr(data, name)
+    out[f'num_{name}'] = len(split)
+    out[f'num_{name}_cases'] = int(len(np.unique(split.case_ids)))
+  out['few_shot_target'] = out['num_target'] < FEW_SHOT_TARGET
+  return out
+
+
+def data_lines(counts: dict, config) -> list[str]:
+  """The report's data line, and a visible note when the target is few-shot."""
+  def images(split, kind):
+    n, cases = counts[f'num_{split}'], counts[f'num_{split}_cases']
+    return f'{n} {kind} image{"s" * (n != 1)}' + (f' ({cases} cases)' if cases != n else '')
+
+  lines = [f'Data: {images("source", "labelled source")}, **{images("target", "unlabelled target training")}**, '
+           f'{images("test", "labelled target test")}.', '']
+  if counts['few_shot_target']:
+    on = {True: 'on', False: 'off'}
+    lines += [f'> **Few-shot target: {counts["num_target"]} target training image'
+              f'{"s" * (counts["num_target"] != 1)}** (fewer than {FEW_SHOT_TARGET}). The student, the '
+              'diffusion model and the synthesis references learn the target domain from these images alone; '
+              'distribution statistics that need more images are reported as n/a. Target augmentation: '
+              f'student {on[bool(config.vae.augment_target)]} (`vae.augment_target`), diffusion '
+              f'{on[bool(config.diffusion.augment)]} (`diffusion.augment`).', '']
+  return lines
+
+
 def fmt(v, digits: int = 3) -> str:
   return 'n/a' if v is None else f'{v:.{digits}f}'
 
@@ -81,6 +116,7 @@ def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
       f'{jax.devices()[0].platform} device(s). Workdir `{os.path.abspath(ctx.workdir)}`; full config in '
       '`config.json`, raw numbers in `metrics.json`.',
       '',
+      *data_lines(data_counts(data), cfg),
       f'Test split: {len(data.test)} labelled target images ({ev.get("num_test_cases")} cases), '
       f'classes {", ".join(data.class_names)}. Scores are means over test cases of the mean over foreground '
       'classes; ± is the standard deviation over training seeds. IoU is the same quantity as the paper\'s '
@@ -118,6 +154,8 @@ def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
         f'lower = closer to the reference): {fmt(q["mbs_synthetic_vs_reference"], 2)}',
         '',
     ]
+    if q.get('not_computed'):
+      lines += ['n/a above:', '', *[f'- `{k}`: {reason}' for k, reason in q['not_computed'].items()], '']
   syn = metrics.get('synthesize')
   if syn:
     lines += [
@@ -139,7 +177,7 @@ def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
         '',
         '| quantity | value |',
         '|---|---|',
-        *[f'| {k} | {fmt(v) if isinstance(v, float) else v} |' for k, v in ffd.items()],
+        *[f'| {k} | {fmt(v) if v is None or isinstance(v, float) else v} |' for k, v in ffd.items()],
         '',
         '![reconstructions](figures/ffd_vae_reconstructions.png)',
         '![segmentations](figures/ffd_vae_segmentations.png)',

@@ -6,8 +6,12 @@
   synthetic/shards/shard_<k>.jsonl       the shard's manifest rows; written LAST: its presence = shard done
   synthetic/manifest.jsonl               all rows, merged when every shard is done
 
-A shard is work unit k = masks [k*shard_size, (k+1)*shard_size); process p handles shards k % P == p.
-Rows: {"id", "image", "label", "mask_index", "reference_index", "shard"} (paths relative to synthetic/).
+A shard is work unit k = synthesis indices [k*shard_size, (k+1)*shard_size); process p handles shards
+k % P == p. Rows: {"id", "image", "label", "synthesis_index", "mask_index", "reference_index", "shard"}
+(paths relative to synthetic/). The synthesis index is the pair's identity (its <id>, its place in
+`load_synthetic`); mask_index is the mask-set row its label map came from, which repeats when more pairs
+are synthesised than there are masks. Shards written before synthesis indices existed (one pair per mask)
+lack the field: there the synthesis index is the mask index.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ def shard_done(root: str, shard: int) -> bool:
   return os.path.exists(shard_paths(root, shard)[1])
 
 
-def write_shard(root: str, shard: int, images: np.ndarray, labels: np.ndarray, mask_index: np.ndarray,
-                reference_index: np.ndarray, spacing: np.ndarray, image_format: str) -> None:
-  """Write one finished shard: per-image files, then the npz, then (last) the shard manifest."""
+def write_shard(root: str, shard: int, images: np.ndarray, labels: np.ndarray, synthesis_index: np.ndarray,
+                mask_index: np.ndarray, reference_index: np.ndarray, spacing: np.ndarray, image_format: str) -> None:
+  """Write one finished shard: per-image files (named by synthesis index), then the npz, then (last) the
+  shard manifest."""
   rows = []
   ext = '.nii.gz' if image_format == 'nifti' else '.png'
   for i in range(len(images)):
-    sid = f'{int(mask_index[i]):07d}'
+    sid = f'{int(synthesis_index[i]):07d}'
     img_rel, lab_rel = f'images/{sid}{ext}', f'labels/{sid}{ext}'
     if image_format == 'nifti':
       _write_nifti(os.path.join(root, img_rel), images[i], spacing[i], np.float32)
@@ -52,12 +57,13 @@ def write_shard(root: str, shard: int, images: np.ndarray, labels: np.ndarray, m
     else:
       _write_png(os.path.join(root, img_rel), (from_unit_range(images[i]) * 255).round().astype(np.uint8))
       _write_png(os.path.join(root, lab_rel), labels[i].astype(np.uint8)[..., None])
-    rows.append({'id': sid, 'image': img_rel, 'label': lab_rel, 'mask_index': int(mask_index[i]),
-                 'reference_index': int(reference_index[i]), 'shard': shard})
+    rows.append({'id': sid, 'image': img_rel, 'label': lab_rel, 'synthesis_index': int(synthesis_index[i]),
+                 'mask_index': int(mask_index[i]), 'reference_index': int(reference_index[i]), 'shard': shard})
   npz, jsonl = shard_paths(root, shard)
   with atomic.atomic_path(npz) as tmp:
     np.savez(tmp, image=images.astype(np.float32), label=labels.astype(np.int32),
-             mask_index=mask_index.astype(np.int64), reference_index=reference_index.astype(np.int64))
+             synthesis_index=np.asarray(synthesis_index, np.int64), mask_index=np.asarray(mask_index, np.int64),
+             reference_index=np.asarray(reference_index, np.int64))
   atomic.write_text(jsonl, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
@@ -72,15 +78,18 @@ def merge_manifest(root: str, num_shards: int) -> int:
 
 
 def load_synthetic(ctx) -> dict[str, np.ndarray]:
-  """All synthetic pairs: {'image': [N,H,W,C] f32 in [-1,1], 'label': [N,H,W] int32, 'mask_index', ...}."""
+  """All synthetic pairs in synthesis-index order: {'image': [N,H,W,C] f32 in [-1,1], 'label': [N,H,W] int32,
+  'synthesis_index', 'mask_index', 'reference_index': int64 [N]}."""
   root = synthetic_dir(ctx)
   manifest = os.path.join(root, 'manifest.jsonl')
   if not os.path.exists(manifest):
     raise UserError(f'no synthetic dataset in {root} (manifest.jsonl missing): run stage synthesize first')
   shards = sorted(glob.glob(os.path.join(root, 'shards', 'shard_*.npz')))
   parts = [dict(np.load(p)) for p in shards]
+  for part in parts:  # a shard from before synthesis indices: one pair per mask, named by its mask index
+    part.setdefault('synthesis_index', part['mask_index'])
   out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  order = np.argsort(out['mask_index'], kind='stable')
+  order = np.argsort(out['synthesis_index'], kind='stable')
   return {k: v[order] for k, v in out.items()}
 
 

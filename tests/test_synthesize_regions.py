@@ -1,8 +1,16 @@
-"""Region content r(m) of the synthesis stage: appearance statistics and rendering vs direct numpy loops."""
+"""The synthesis stage's host-side parts: region content r(m) (appearance statistics and rendering vs direct numpy
+loops), reference images and the mask plan."""
 
 import numpy as np
 
-from diffuseg_jax.stages.synthesize import MIN_CLASS_PIXELS, appearance_statistics, reference_indices, render_regions
+from diffuseg_jax.stages.synthesize import (
+  MASK_PLAN_SALT,
+  MIN_CLASS_PIXELS,
+  appearance_statistics,
+  mask_plan,
+  reference_indices,
+  render_regions,
+)
 
 
 def test_appearance_statistics_match_per_image_loops():
@@ -43,3 +51,21 @@ def test_reference_choice_is_fixed_by_seed_and_index():
   a = reference_indices(100, 7, seed=3)
   np.testing.assert_array_equal(a[:40], reference_indices(40, 7, seed=3))  # independent of the mask count
   assert a.min() >= 0 and a.max() < 7 and not np.array_equal(a, reference_indices(100, 7, seed=4))
+
+
+def test_mask_plan_takes_the_first_masks_then_permuted_passes():
+  np.testing.assert_array_equal(mask_plan(10, None, seed=0), np.arange(10))  # None: every mask once
+  np.testing.assert_array_equal(mask_plan(10, 4, seed=0), np.arange(4))  # as many masks or fewer: unchanged
+  np.testing.assert_array_equal(mask_plan(10, 10, seed=0), np.arange(10))
+  plan = mask_plan(4, 18, seed=7)
+  assert plan.dtype == np.int64 and len(plan) == 18
+  np.testing.assert_array_equal(plan[:4], np.arange(4))  # pass 0 in order
+  for c in range(1, 4):  # each further pass is a permutation of every mask, seeded by (seed, pass)
+    np.testing.assert_array_equal(np.sort(plan[4 * c:4 * c + 4]), np.arange(4))
+    np.testing.assert_array_equal(plan[4 * c:4 * c + 4],
+                                  np.random.default_rng([7, MASK_PLAN_SALT, c]).permutation(4))
+  assert set(plan[16:]) <= set(range(4)) and len(set(plan[16:])) == 2  # a partial last pass: no repeat in it
+  np.testing.assert_array_equal(mask_plan(4, 30, seed=7)[:18], plan)  # more masks only append
+  assert not np.array_equal(mask_plan(4, 18, seed=8), plan)
+  assert sorted(np.bincount(mask_plan(3, 3 * 50 + 1, seed=0))) == [50, 50, 51]  # balanced
+  np.testing.assert_array_equal(mask_plan(1, 3, seed=0), [0, 0, 0])

@@ -4,10 +4,12 @@
   teacher_dice_target / student_dice_target: mean Dice on the labelled target test split (segmentation heads)
   student_psnr_target / teacher_psnr_target: reconstruction PSNR (dB, images mapped to [0, 1])
   z_dom_variance_mean: mean over dims of the variance across target test images of T's posterior mean;
-  z_dom_active_dims: dims with that variance > 0.01 (the "active units" criterion of Burda et al.)
+  z_dom_active_dims: dims with that variance > 0.01 (the "active units" criterion of Burda et al.);
+    both None with a single test image (no variance across one image)
   z_dom_kl_per_dim: mean KL(q(z_dom|x) || N(0, I)) per dim (0 = collapsed to the prior)
   probe_accuracy_student / _teacher: 5-fold accuracy of a logistic-regression probe that tells source from
-    target images by their z_dom codes (0.5 = uninformative, 1.0 = perfectly domain-specific)
+    target images by their z_dom codes (0.5 = uninformative, 1.0 = perfectly domain-specific); k-fold with
+    k = min(5, n) for n < 5 images of the smaller set, None for n < 2 (no cross-validation possible)
 Inputs are host outputs of `inference.ffd_vae_outputs`: dicts of seg int [N, H, W], recon [N, H, W, C],
 dom_mean / dom_logvar [N, D].
 """
@@ -23,13 +25,14 @@ from diffuseg_jax.metrics.image_quality import psnr
 from diffuseg_jax.metrics.segmentation import evaluate_cases, summarise
 
 
-def probe_accuracy(codes_a: np.ndarray, codes_b: np.ndarray, seed: int) -> float:
+def probe_accuracy(codes_a: np.ndarray, codes_b: np.ndarray, seed: int) -> float | None:
+  """Cross-validated accuracy of telling codes_a from codes_b; None when a set has fewer than 2 codes."""
   n = min(len(codes_a), len(codes_b), 1000)
-  x = np.concatenate([codes_a[:n], codes_b[:n]])
-  y = np.concatenate([np.zeros(n), np.ones(n)])
   folds = min(5, n)
   if folds < 2:
-    return float('nan')
+    return None
+  x = np.concatenate([codes_a[:n], codes_b[:n]])
+  y = np.concatenate([np.zeros(n), np.ones(n)])
   clf = LogisticRegression(max_iter=2000, random_state=seed)
   return float(np.mean(cross_val_score(clf, x, y, cv=folds)))
 
@@ -43,7 +46,7 @@ def diagnostics(test: Split, class_names, teacher_test: dict, student_test: dict
                               volume_mode=False, slice_index=test.slice_index)
     return summarise(per_case, class_names)['dice_mean']
 
-  var = np.var(student_test['dom_mean'], axis=0)
+  var = np.var(student_test['dom_mean'], axis=0) if len(student_test['dom_mean']) > 1 else None
   logvar = student_test['dom_logvar']
   kl = 0.5 * (np.exp(logvar) + student_test['dom_mean'] ** 2 - 1.0 - logvar)
   return {
@@ -51,9 +54,9 @@ def diagnostics(test: Split, class_names, teacher_test: dict, student_test: dict
       'student_dice_target': dice(student_test['seg']),
       'teacher_psnr_target': float(np.mean(psnr(teacher_test['recon'], test.images))),
       'student_psnr_target': float(np.mean(psnr(student_test['recon'], test.images))),
-      'z_dom_variance_mean': float(np.mean(var)),
-      'z_dom_active_dims': int(np.sum(var > 0.01)),
-      'z_dom_dims': int(var.shape[0]),
+      'z_dom_variance_mean': None if var is None else float(np.mean(var)),
+      'z_dom_active_dims': None if var is None else int(np.sum(var > 0.01)),
+      'z_dom_dims': int(student_test['dom_mean'].shape[1]),
       'z_dom_kl_per_dim': float(np.mean(kl)),
       'probe_accuracy_student': probe_accuracy(student_source['dom_mean'], student_test['dom_mean'], seed),
       'probe_accuracy_teacher': probe_accuracy(teacher_source['dom_mean'], teacher_test['dom_mean'], seed),

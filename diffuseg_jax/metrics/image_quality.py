@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
+# Fewer images than this in either set: FD and KID are not reported (callers give None and `too_few`'s
+# reason). Both are defined from 2 images on, but from so few they measure the draw, not the distributions.
+MIN_IMAGES_PER_SET = 10
+
+
+def too_few(*set_sizes: int, minimum: int = MIN_IMAGES_PER_SET) -> str | None:
+  """None when every set has at least `minimum` images, else the reason a distribution statistic is not given."""
+  if min(set_sizes) >= minimum:
+    return None
+  return f'not computed: needs at least {minimum} images per set, has {" and ".join(map(str, set_sizes))}'
+
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mean [F] and unbiased covariance [F, F] (float64) of features [N, F], N >= 2."""

@@ -3,7 +3,9 @@
 z_dom = posterior mean of the frozen student's domain encoder on the SAME target image; latents come from the
 frozen autoencoder (identity in pixel space). Both are computed once before training (they are frozen), so a
 step only runs the UNet. Condition dropout (config.diffusion.cond_dropout) trains the null condition that
-classifier-free guidance needs. Batches: {'latent': [B,h,w,C] f32, 'z_dom': [B,D] f32}.
+classifier-free guidance needs. Batches: {'latent': [B,h,w,C] f32, 'z_dom': [B,D] f32}; with
+`diffusion.augment` (few-shot targets) each latent is randomly flipped / rotated by 90 degrees and keeps the
+z_dom of its unrotated image.
 """
 
 from __future__ import annotations
@@ -101,4 +103,5 @@ def run(ctx) -> None:
   z_dom = domain_codes(ctx, images)
   latents = autoencoder.encode_images(ctx, codec, images)
   ctx.train(task(ctx.config, latent_shape(ctx, codec)),
-            {'latent': latents.astype(np.float32), 'z_dom': z_dom.astype(np.float32)})
+            {'latent': latents.astype(np.float32), 'z_dom': z_dom.astype(np.float32)},
+            augment=ctx.config.diffusion.augment)

@@ -6,9 +6,11 @@ metrics.json["evaluate"] (a stable shape for scripts):
                       seeds: [...], per_seed: [summary per seed], case_std: {dice, iou, hd, hd95}}}
      *_mean = mean over seeds of the per-seed mean over test cases; *_std = std over seeds (ddof 0);
      case_std = mean over seeds of the std over cases. HD/HD95 in mm for medical data, pixels otherwise.
-  image_quality: {feature_network, fd_synthetic_vs_target, kid_synthetic_vs_target (mean, std),
+  image_quality: {feature_network, num_images, fd_synthetic_vs_target, kid_synthetic_vs_target (mean, std),
                   fd_source_vs_target (the domain gap before synthesis), fd_target_vs_target_test (floor),
-                  mbs_synthetic_vs_reference}
+                  mbs_synthetic_vs_reference, not_computed: {key: reason}}
+     a statistic that needs more images than there are (image_quality.MIN_IMAGES_PER_SET per set for FD and
+     KID; a few-shot target) is None, its reason in not_computed.
 Medical volumes: the first seed's test predictions of each strategy are also written on the original voxel
 grids, `predictions/<strategy>/<case>.nii.gz` (data/export.py). Then the report (report.md,
 figures) is written.
@@ -135,27 +137,40 @@ def image_quality_results(ctx) -> dict:
   f_src = feats(data.source.images[: n])
   f_test = feats(data.test.images[: n])
 
-  def fd(a, b):
+  not_computed: dict[str, str] = {}
+
+  def fd(key, a, b):
+    if reason := image_quality.too_few(len(a), len(b)):
+      not_computed[key] = reason
+      return None
     return image_quality.frechet_distance(*image_quality.gaussian_stats(a), *image_quality.gaussian_stats(b))
 
-  # Subsets of half the images (at most 1000, the usual KID subset): subsets of all n would all be the same
-  # set, and their std (the ± in the report) would be 0 whatever the estimate's real spread.
-  kid_mean, kid_std = image_quality.kernel_inception_distance(f_syn, f_real, subset_size=max(2, min(1000, n // 2)),
-                                                              seed=ctx.config.seed)
+  kid_mean = kid_std = None
+  if reason := image_quality.too_few(len(f_syn), len(f_real)):
+    not_computed['kid_synthetic_vs_target'] = reason
+  else:
+    # Subsets of half the images (at most 1000, the usual KID subset): subsets of all n would all be the same
+    # set, and their std (the ± in the report) would be 0 whatever the estimate's real spread.
+    kid_mean, kid_std = image_quality.kernel_inception_distance(
+        f_syn, f_real, subset_size=max(2, min(1000, n // 2)), seed=ctx.config.seed)
   model, params = student.load(ctx)
   refs = data.target.images[synth['reference_index'][pick]]
   ref_labels = batched_apply(functools.partial(inference.ffd_vae_labels, model=model), refs, cfg.batch_size,
                              ctx.mesh, args=(params,))
+  mbs = image_quality.background_similarity_per_pair(synth['image'][pick], refs, synth['label'][pick], ref_labels)
+  mbs = mbs[~np.isnan(mbs)]
+  if not mbs.size:
+    not_computed['mbs_synthetic_vs_reference'] = 'not computed: no pair has background outside both foregrounds'
   return {
       'feature_network': extractor.name,
       'num_images': int(n),
-      'fd_synthetic_vs_target': fd(f_syn, f_real),
+      'fd_synthetic_vs_target': fd('fd_synthetic_vs_target', f_syn, f_real),
       'kid_synthetic_vs_target': kid_mean,
       'kid_synthetic_vs_target_std': kid_std,
-      'fd_source_vs_target': fd(f_src, f_real),
-      'fd_target_vs_target_test': fd(f_test, f_real),
-      'mbs_synthetic_vs_reference': image_quality.background_similarity(
-          synth['image'][pick], refs, synth['label'][pick], ref_labels),
+      'fd_source_vs_target': fd('fd_source_vs_target', f_src, f_real),
+      'fd_target_vs_target_test': fd('fd_target_vs_target_test', f_test, f_real),
+      'mbs_synthetic_vs_reference': float(mbs.mean()) if mbs.size else None,
+      'not_computed': not_computed,
   }
 
 

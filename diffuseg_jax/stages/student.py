@@ -1,8 +1,9 @@
 """Stage `student`: FFD-VAE T on unlabelled target images, distilled from the frozen teacher (eq. 1-6).
 
 Batches: {'image': [B,H,W,C] f32 in [-1,1]}. Loss (eq. 6): L_rec + lam (L_kd + alpha L_latent) + beta KL,
-the teacher S frozen (`losses.student_loss`). After training, T's domain encoder gives z_dom for any target
-image and T's segmentation head gives target pseudo-labels. The stage then writes the pair's diagnostics
+the teacher S frozen (`losses.student_loss`); `vae.augment_target` randomly flips / rotates the target images
+(few-shot targets). After training, T's domain encoder gives z_dom for any target image and T's segmentation
+head gives target pseudo-labels. The stage then writes the pair's diagnostics
 (metrics/ffd_vae_diagnostics.py) to `metrics.json["ffd_vae"]`, and figures.
 """
 
@@ -12,7 +13,7 @@ import functools
 
 import jax
 
-from diffuseg_jax import figures, inference, logs, losses
+from diffuseg_jax import figures, inference, logs, losses, report
 from diffuseg_jax.data import DataSpec
 from diffuseg_jax.metrics.ffd_vae_diagnostics import diagnostics
 from diffuseg_jax.stages import teacher
@@ -45,7 +46,7 @@ def run(ctx) -> None:
   data = ctx.data
   teacher_params = ctx.load(teacher.task(ctx.config, data.spec))
   student = task(ctx.config, data.spec)
-  ctx.train(student, {'image': data.target.images}, frozen=teacher_params)
+  ctx.train(student, {'image': data.target.images}, frozen=teacher_params, augment=ctx.config.vae.augment_target)
   write_diagnostics(ctx, student.model, teacher_params, ctx.load(student))
 
 
@@ -76,7 +77,8 @@ def write_diagnostics(ctx, model, teacher_params, student_params) -> dict:
         ['ground truth', 'S (teacher)', 'T (student)'],
         ctx.path('figures', 'ffd_vae_segmentations.png'),
         labels=[test.labels[:k], s_test['seg'][:k], t_test['seg'][:k]], num_classes=data.num_classes,
-        title=f'target test Dice: S {result["teacher_dice_target"]:.3f}, T {result["student_dice_target"]:.3f}',
+        title=f'target test Dice: S {report.fmt(result["teacher_dice_target"])}, '
+              f'T {report.fmt(result["student_dice_target"])}',
     )
   logs.say('[student] FFD-VAE diagnostics: ' + ', '.join(
       f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}' for k, v in result.items()))

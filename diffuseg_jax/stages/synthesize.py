@@ -1,6 +1,9 @@
-"""Stage `synthesize`: blended DDIM synthesis of a labelled target-domain image for every mask.
+"""Stage `synthesize`: blended DDIM synthesis of `sampling.num_masks` labelled target-domain images.
 
-For mask m_i (default: the source labels) and a random target reference image x_ref(i) (seeded by i):
+Pair i (the synthesis index, 0..M-1: its file name, its place in the synthetic set, its nnU-Net case name)
+uses mask m_i = row `mask_index[i]` of the mask set (default: the source labels; `mask_plan`: rows 0..M-1
+in order while M <= the number of masks, beyond that further passes over all masks, each in its own seeded
+order) and a random target reference image x_ref(i) (seeded by i):
   z_dom   = T's domain code of x_ref                      (the condition)
   r(m)    = region content at noise level 0, in latent space:
               'rendered' (default): the label map painted with per-class target appearance: per-channel mean
@@ -10,9 +13,11 @@ For mask m_i (default: the source labels) and a random target reference image x_
   x_0     = blended DDIM (sampling/sampler.py) with m = the union of foreground classes at latent resolution
   image   = decode(x_0)
 
-Work is split into shards of `sampling.shard_size` masks; process p does shards k % P == p on its LOCAL
-devices, and each shard is written atomically (synthetic_io.py), so a killed job rerun skips finished shards
-and every mask appears exactly once. Memory is flat in the number of masks: one shard at a time.
+A mask drawn more than once gives a different pair each time: its own reference image, region noise and
+DDIM noise. Work is split into shards of `sampling.shard_size` synthesis indices; process p does shards
+k % P == p on its LOCAL devices, and each shard is written atomically (synthetic_io.py), so a killed job
+rerun skips finished shards and every synthesis index appears exactly once. Memory is flat in the number
+of pairs: one shard at a time.
 For NIfTI (medical) data the finished set is also exported as an nnU-Net v2 raw dataset,
 synthetic/nnunet/Dataset501_<data.name>/ (imagesTr/, labelsTr/, dataset.json), to train nnU-Net on it.
 """
@@ -34,7 +39,7 @@ from tqdm.auto import tqdm
 
 from diffuseg_jax import figures, inference, logs, synthetic_io
 from diffuseg_jax.data import export
-from diffuseg_jax.errors import ConfigError
+from diffuseg_jax.errors import ConfigError, DataError
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.sampling import synthesis
 from diffuseg_jax.sampling.sampler import SamplerSettings
@@ -43,24 +48,48 @@ from diffuseg_jax.stages import diffusion, student
 NNUNET_DATASET_ID = 501  # synthetic/nnunet/Dataset501_<data.name>: medical (NIfTI) data only
 
 
-def masks_for(ctx) -> np.ndarray:
-  """The label maps to synthesise from: [M, H, W] int32 class indices."""
+def mask_set(ctx) -> np.ndarray:
+  """Every label map of the mask set (`sampling.mask_set`): [N, H, W] int32 class indices."""
   cfg, data = ctx.config.sampling, ctx.data
   if cfg.mask_set == 'source':
-    masks = data.source.labels
-  elif cfg.mask_set == 'test':
-    masks = data.test.labels
-  else:  # config_validation.MASK_SETS
-    raise ConfigError(f'config.sampling.mask_set={cfg.mask_set!r} is not one of source, test')
-  if cfg.num_masks is not None:
-    masks = masks[: int(cfg.num_masks)]
-  return np.asarray(masks, np.int32)
+    return np.asarray(data.source.labels, np.int32)
+  if cfg.mask_set == 'test':
+    return np.asarray(data.test.labels, np.int32)
+  # config_validation.MASK_SETS
+  raise ConfigError(f'config.sampling.mask_set={cfg.mask_set!r} is not one of source, test')
+
+
+MASK_PLAN_SALT = 2718  # seeds the orders of the repeated passes over the masks (see `mask_plan`)
+
+
+def mask_plan(num_available: int, num_masks: int | None, seed: int) -> np.ndarray:
+  """int64 [M]: the mask-set row that synthesis index i = 0..M-1 draws its mask from.
+
+  M = num_masks (None: num_available). The first pass is rows 0, 1, ..., num_available - 1 in order, so
+  M <= num_available takes the first M masks (what this stage always did). A larger M draws further passes
+  over ALL the masks, pass c >= 1 in the order `default_rng([seed, MASK_PLAN_SALT, c]).permutation`: every
+  mask is used floor(M / N) or ceil(M / N) times (N = num_available), and the plan of M is the first M
+  entries of the plan of any larger M (so raising num_masks only appends pairs).
+  """
+  if num_available < 1:
+    raise DataError('sampling: the mask set is empty: there is no label map to synthesise from')
+  m = num_available if num_masks is None else int(num_masks)
+  passes = [np.arange(num_available)]
+  for c in range(1, -(-m // num_available)):
+    passes.append(np.random.default_rng([seed, MASK_PLAN_SALT, c]).permutation(num_available))
+  return np.concatenate(passes)[:m].astype(np.int64)
+
+
+def mask_indices(ctx, num_available: int | None = None) -> np.ndarray:
+  """`mask_plan` of this run: the mask-set row of every synthesis index."""
+  n = len(mask_set(ctx)) if num_available is None else num_available
+  return mask_plan(n, ctx.config.sampling.num_masks, ctx.config.seed)
 
 
 def mask_spacing(ctx, mask_index: np.ndarray) -> np.ndarray:
   """[M, 2] in-plane pixel size (mm for medical data) of the slices the masks `mask_index` come from."""
   split = ctx.data.source if ctx.config.sampling.mask_set == 'source' else ctx.data.test
-  return split.spacing[np.asarray(mask_index) % len(split)]
+  return split.spacing[np.asarray(mask_index)]
 
 
 def export_nnunet(ctx) -> str:
@@ -69,14 +98,14 @@ def export_nnunet(ctx) -> str:
   channels = synth['image'].shape[-1]
   root = export.export_nnunet(
       {'images': synth['image'], 'labels': synth['label'], 'spacing': mask_spacing(ctx, synth['mask_index']),
-       'names': [f'{ctx.config.data.name}_{int(i):07d}' for i in synth['mask_index']]},
+       'names': [f'{ctx.config.data.name}_{int(i):07d}' for i in synth['synthesis_index']]},
       os.path.join(synthetic_io.synthetic_dir(ctx), 'nnunet'), NNUNET_DATASET_ID, str(ctx.config.data.name),
       ctx.data.class_names, ('image',) if channels == 1 else tuple(f'channel{c}' for c in range(channels)))
   return str(root)
 
 
 def num_shards(ctx) -> int:
-  return -(-len(masks_for(ctx)) // ctx.config.sampling.shard_size)
+  return -(-len(mask_indices(ctx)) // ctx.config.sampling.shard_size)
 
 
 def is_done(ctx) -> bool:
@@ -85,7 +114,7 @@ def is_done(ctx) -> bool:
 
 
 def reference_indices(num_masks: int, num_targets: int, seed: int) -> np.ndarray:
-  """Reference target image of each mask: uniform, fixed by (seed, mask index) whatever the sharding."""
+  """Reference target image of each synthesis index: uniform, fixed by (seed, index) whatever the sharding."""
   return np.random.default_rng([seed, 1729]).integers(0, num_targets, size=num_masks)
 
 
@@ -152,8 +181,9 @@ def render_regions(masks: np.ndarray, mode: str, appearance: dict | None, num_cl
 def run(ctx) -> None:
   cfg, data = ctx.config.sampling, ctx.data
   root = synthetic_io.synthetic_dir(ctx)
-  masks = masks_for(ctx)
-  shards = num_shards(ctx)
+  masks = mask_set(ctx)
+  plan = mask_indices(ctx, len(masks))  # synthesis index -> mask-set row
+  shards = -(-len(plan) // cfg.shard_size)
   settings = SamplerSettings.from_config(ctx.config)
   student_model = student.load(ctx)
   unet, unet_params, codec = diffusion.load(ctx)
@@ -161,7 +191,7 @@ def run(ctx) -> None:
     settings = dataclasses.replace(settings, clip_x0=1.0)
   alphas = jnp.asarray(diffusion.schedule(ctx.config).alphas_cumprod)
   z_dom_all = diffusion.domain_codes(ctx, data.target.images, student_model)
-  refs = reference_indices(len(masks), len(data.target), ctx.config.seed)
+  refs = reference_indices(len(plan), len(data.target), ctx.config.seed)
   appearance = class_appearance(ctx, student_model) if cfg.region_content == 'rendered' else None
 
   # Synthesis runs on this process's devices only: processes work on disjoint shards independently.
@@ -178,16 +208,16 @@ def run(ctx) -> None:
   mine = [k for k in range(shards) if k % jax.process_count() == jax.process_index()]
   todo = [k for k in mine if not synthetic_io.shard_done(root, k)]
   base_key = ctx.rng('synthesize')
-  bar = tqdm(total=sum(len(range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(masks)))) for k in todo),
+  bar = tqdm(total=sum(len(range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(plan)))) for k in todo),
              desc='synthesize', disable=not ctx.show_progress, dynamic_ncols=True)
   max_err, t0, done_images = 0.0, time.perf_counter(), 0
   for k in todo:
-    idx = np.arange(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(masks)))
+    idx = np.arange(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(plan)))
     out_images, errs = [], []
     for b, start in enumerate(range(0, len(idx), batch_size)):
       sel = idx[start:start + batch_size]
       pad = np.concatenate([sel, np.full(batch_size - len(sel), sel[-1])])
-      m = masks[pad]
+      m = masks[plan[pad]]
       rng = np.random.default_rng([ctx.config.seed, k, b])
       region = render_regions(m, cfg.region_content, appearance, data.num_classes, data.channels, rng,
                               refs[pad])
@@ -202,8 +232,8 @@ def run(ctx) -> None:
       bar.update(len(sel))
       bar.set_postfix(img_s=f'{done_images / (time.perf_counter() - t0):.1f}')
     max_err = max(max_err, float(np.max(np.concatenate(errs))))
-    synthetic_io.write_shard(root, k, np.concatenate(out_images), masks[idx], idx, refs[idx],
-                             mask_spacing(ctx, idx), data.image_format)
+    synthetic_io.write_shard(root, k, np.concatenate(out_images), masks[plan[idx]], idx, plan[idx], refs[idx],
+                             mask_spacing(ctx, plan[idx]), data.image_format)
   bar.close()
   elapsed = time.perf_counter() - t0
   if jax.process_count() > 1:

@@ -30,28 +30,34 @@ def d(**kwargs) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Comma-separated subset of diffuseg_jax.stages.STAGES, run in pipeline order. A stage whose final
-  # checkpoint/output exists in the workdir is skipped (resume).
+  # Comma-separated subset of diffuseg_jax.stages.STAGES, run in pipeline order. A stage whose units are
+  # complete for this config (same fingerprint, diffuseg_jax/run_identity.py) is reused; others resume.
   c.stages = ','.join(STAGES)
 
   c.data = d(
       name='mnist_m',  # mnist_m | folder | mscmr | acdc | mmwhs | retina
-      root=placeholder(str),  # dataset folder (required for every dataset except mnist_m)
-      image_size=32,  # slices/images are resized (or padded, mnist_m) to image_size x image_size
+      root=placeholder(str),  # dataset folder (required for every dataset except mnist_m); `~/` is the home folder
+      # Slices/images are resized (or padded, mnist_m) to image_size x image_size; a multiple of 2^vae.levels,
+      # 2^segmentation.levels and (for the diffusion UNet) of autoencoder.downsample * 2^(len(channel_mult) - 1).
+      image_size=32,
       # Embedded MNIST -> MNIST-M: counts of digits in each disjoint split (of the 5,000 shipped digits).
       num_source=2000,
       num_target=2000,
       num_test=1000,
       mnist_idx_dir=placeholder(str),  # optional folder with full MNIST idx files (train-images-idx3-ubyte[.gz], ...)
       # Medical / folder options.
-      source=placeholder(str),  # dataset-specific source selector (e.g. MSCMR sequence 'C0', MM-WHS modality 'mr')
-      target=placeholder(str),  # dataset-specific target selector (e.g. 'DE', 'ct')
+      # Dataset-specific source/target selectors (e.g. MSCMR sequences 'C0' -> 'DE', MM-WHS modalities 'mr' -> 'ct',
+      # retina 'drive' -> 'iostar'); folder and mnist_m have none and ignore them.
+      source=placeholder(str),
+      target=placeholder(str),
       target_root=placeholder(str),  # optional second root when the target is a different dataset (e.g. IOSTAR)
       slice_axis=2,  # axis of the (canonically reoriented, RAS) volume that 2D slices are taken along
-      percentiles=(0.5, 99.5),  # robust intensity normalisation per volume
+      # NIfTI volumes: intensities clipped at these percentiles of the volume (0 <= low < high <= 100), then
+      # scaled to [0, 1]; 2D raster images are scaled by their bit depth instead.
+      percentiles=(0.5, 99.5),
       empty_slices='keep',  # keep | drop | drop_source: slices whose label is all background
       split_fractions=(0.7, 0.1, 0.2),  # train / val / test, by subject
-      channels=placeholder(int),  # force a channel count (1 or 3); None: the larger of source/target
+      channels=placeholder(int),  # force a channel count (1 or 3); None: the dataset's (folder: the larger found)
       max_cases=placeholder(int),  # cap the number of subjects per split (quick runs)
   )
 
@@ -125,13 +131,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pyramid_levels=3,  # pyramid mode: Laplacian pyramid levels
       region_content='rendered',  # rendered (per-class target appearance) | label (literal label map)
       mask_union=True,  # blend with the union of foreground classes (True) or all classes incl. background
-      mask_set='source',  # source | test (test: the labels are the test split's, so its scores are an ORACLE)
+      # source | test (test: the masks are the test split's own labels, so every score trained on synthetic
+      # pairs is an ORACLE; the run prints a warning before its first stage).
+      mask_set='source',
       # Pairs to synthesise. None: one per mask of the mask set; more than the masks: further passes over
       # all masks, each in a seeded order (stages/synthesize.py mask_plan), each pair with its own reference.
       num_masks=placeholder(int),
       batch_size=64,
       shard_size=256,  # pairs per atomically written output shard
-      save_trajectory=False,
       clip_x0=placeholder(float),  # None: 1.0 in pixel space (images in [-1, 1]), no clipping for latents
   )
 
@@ -139,6 +146,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.segmentation = d(
       base_channels=16,
       levels=3,
+      # transfer | self | semi | diffuseg; self and semi train on target labels (folder: <root>/target/labels/).
       strategies='transfer,self,semi,diffuseg',
       seeds=(0, 1, 2),
       steps=800,
@@ -147,7 +155,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       augment=True,  # random flips / 90-degree rotations
   )
 
-  # Shared training options.
+  # Shared training options. Every training batch size above (vae, autoencoder, diffusion, segmentation) must be
+  # a multiple of the device count and of the process count; sampling and eval batches are rounded up to one.
   c.train = d(
       ema_decay=0.999,
       weight_decay=1e-4,
@@ -167,8 +176,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = d(
       every_steps=500,
       max_to_keep=2,
-      # Multi-process runs: steps between two checks that all processes agree on a SIGTERM (a collective);
-      # a SIGTERM takes effect within this many steps plus one save (see train/preemption.py).
+      # Multi-process runs: steps between two checks that all processes agree on a SIGTERM (or a first Ctrl-C; a
+      # collective): it takes effect within this many steps plus one save (see train/preemption.py).
       preemption_check_every=10,
   )
 

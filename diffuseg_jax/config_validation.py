@@ -5,13 +5,16 @@ samplers, schedules, losses) raises `ValueError` naming its own fields; `config_
 error into a `ConfigError` naming the config path (`config.diffusion: num_heads=3 must divide ...`), and
 `validate` / `check_networks` build every library object of a run up front inside it: the sampler settings,
 the schedule and, once the data's shapes are known, every network (`jax.eval_shape` of its initialisation,
-no compute), so a size that a later stage would reject stops the run before the first stage.
+no compute), so a size that a later stage would reject stops the run before the first stage. `validate`
+also checks the combinations that need no data: the image size against every network's downsampling depth,
+each training batch against the device and process counts, the normalisation percentiles.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 
 import jax
@@ -52,10 +55,18 @@ POSITIVE_INTS = (
     'checkpoint.preemption_check_every',
     'train.log_every',
 )
-OPTIONAL_POSITIVE_INTS = ('sampling.num_masks',)  # None or a positive integer
+OPTIONAL_POSITIVE_INTS = ('sampling.num_masks', 'data.max_cases')  # None or a positive integer
 POSITIVE_FLOATS = ('vae.learning_rate', 'autoencoder.learning_rate', 'diffusion.learning_rate',
                    'segmentation.learning_rate')
 UNIT_INTERVAL = ('diffusion.cond_dropout', 'train.ema_decay')
+# Networks that down-sample the image by 2^levels (data.image_size must be a multiple).
+LEVELS = ('vae.levels', 'segmentation.levels')
+# Batches that `train/loop.py` shards over the 'data' mesh axis and splits across processes; sampling and
+# eval batches are rounded up to the device count (`inference.batched_apply`), so any size works there.
+TRAINING_BATCHES = ('vae.batch_size', 'autoencoder.batch_size', 'diffusion.batch_size', 'segmentation.batch_size')
+# Fields holding a local path: a shell does not expand `~` after `=` (`--config.data.root=~/data`).
+PATH_FIELDS = ('data.root', 'data.target_root', 'data.mnist_idx_dir', 'autoencoder.path',
+               'diffusion.pretrained_unet_path', 'eval.inception_path')
 
 
 def get(config, dotted: str):
@@ -73,6 +84,26 @@ def config_section(name: str) -> Iterator[None]:
     yield
   except ValueError as e:
     raise ConfigError(f'config.{name}: {e}') from None
+
+
+def expand_paths(config) -> None:
+  """`~` at the start of a path field -> the home folder, in place (the shell leaves it in `--x=~/data`)."""
+  for key in PATH_FIELDS:
+    value = get(config, key)
+    if isinstance(value, str) and value.startswith('~'):
+      section, _, name = key.rpartition('.')
+      get(config, section)[name] = os.path.expanduser(value)
+
+
+def dotted_fields(config, prefix: str = '') -> list[str]:
+  """Every leaf field of `config` as 'section.name' (for suggestions on a misspelt override)."""
+  names = []
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      names += dotted_fields(value, f'{prefix}{key}.')
+    else:
+      names.append(f'{prefix}{key}')
+  return names
 
 
 def parse_stages(stages: str, all_stages: tuple[str, ...]) -> list[str]:
@@ -118,6 +149,68 @@ def validate(config) -> None:
   if config.autoencoder.kind == 'pretrained' and not config.autoencoder.path:
     raise ConfigError('config.autoencoder.path is required for autoencoder.kind=pretrained')
   parse_names(config.segmentation.strategies, segment.STRATEGIES, 'segmentation.strategies')  # the stage's list
+  _check_data_options(config.data)
+  _check_sizes(config)
+  _check_batches(config)
+
+
+def _check_data_options(data) -> None:
+  p = data.percentiles
+  if p is not None and not (isinstance(p, (tuple, list)) and len(p) == 2
+                            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+                            and 0 <= p[0] < p[1] <= 100):
+    raise ConfigError(f'config.data.percentiles={p!r} must be (low, high) with 0 <= low < high <= 100, '
+                      f"e.g. --config.data.percentiles='(0.5, 99.5)'")
+  if data.slice_axis not in (0, 1, 2) or isinstance(data.slice_axis, bool):
+    raise ConfigError(f'config.data.slice_axis={data.slice_axis!r} must be 0, 1 or 2')
+  if data.channels not in (None, 1, 3) or isinstance(data.channels, bool):
+    raise ConfigError(f'config.data.channels={data.channels!r} must be None, 1 or 3')
+  f = data.split_fractions
+  if not (isinstance(f, (tuple, list)) and len(f) == 3 and all(isinstance(v, (int, float)) and v >= 0 for v in f)
+          and sum(f) > 0):
+    raise ConfigError(f'config.data.split_fractions={f!r} must be three non-negative fractions '
+                      '(train, val, test) with a positive sum')
+
+
+def _check_sizes(config) -> None:
+  """data.image_size against each network's down-sampling (the networks check it again at their shapes)."""
+  size = config.data.image_size
+  for key in LEVELS:
+    levels = get(config, key)
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 0:
+      raise ConfigError(f'config.{key}={levels!r} must be a non-negative integer')
+    if size % 2**levels:
+      raise ConfigError(f'config.{key}={levels}: data.image_size={size} is not divisible by 2^{levels} = '
+                        f'{2**levels}; use an image size that is a multiple of {2**levels} or fewer levels')
+  a, d = config.autoencoder, config.diffusion
+  if a.kind == 'pretrained' or d.pretrained_unet_path:
+    return  # the latent shape, or the UNet, is known once its weights are loaded
+  latent = size // a.downsample if a.kind == 'kl' else size
+  factor = 2 ** (len(d.channel_mult) - 1)
+  if latent % factor:
+    where = f'the latent size {latent} (data.image_size={size} / autoencoder.downsample={a.downsample})' if (
+        a.kind == 'kl') else f'data.image_size={size}'
+    raise ConfigError(f'config.diffusion.channel_mult={tuple(d.channel_mult)}: {where} is not divisible by '
+                      f'2^(len(channel_mult) - 1) = {factor}; use a shorter channel_mult or a larger image')
+
+
+def _check_batches(config) -> None:
+  """Each training batch splits evenly over the 'data' mesh axis and over the processes (train/loop.py)."""
+  axes = [tuple(a) for a in config.mesh.axes]
+  if 'data' not in [a[0] for a in axes]:
+    raise ConfigError(f'config.mesh.axes={axes} has no \'data\' axis (batches are sharded on it)')
+  sizes = {a[0]: int(a[1]) for a in axes}
+  other = math.prod(s for name, s in sizes.items() if name != 'data' and s != -1)
+  devices, processes = jax.device_count(), jax.process_count()
+  n = sizes['data'] if sizes['data'] != -1 else devices // max(1, other)
+  step = math.lcm(max(1, n), processes)
+  for key in TRAINING_BATCHES:
+    if key == 'autoencoder.batch_size' and config.autoencoder.kind != 'kl':
+      continue  # only a KL autoencoder is trained
+    value = get(config, key)
+    if value % step:
+      raise ConfigError(f'config.{key}={value} must be a multiple of {step} ({n} data-parallel device(s), '
+                        f'{processes} process(es)), e.g. {max(step, value // step * step)}')
 
 
 def check_networks(config, spec: DataSpec) -> None:

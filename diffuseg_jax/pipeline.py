@@ -1,10 +1,13 @@
-"""The stage graph: DiffuSeg's seven stages, run in order, each skipped when its output already exists.
+"""The stage graph: DiffuSeg's seven stages, run in order, each skipped when its units are complete.
 
   teacher -> student -> autoencoder -> diffusion -> synthesize -> segment -> evaluate
 
 `config.stages` (comma-separated) selects a subset; the order is always the pipeline order. Each stage
-module in `diffuseg_jax/stages/` (named in `stages.STAGES`) exposes `is_done(ctx) -> bool` and `run(ctx) -> None`;
-training stages resume from their newest checkpoint, synthesis from its finished shards.
+module in `diffuseg_jax/stages/` (named in `stages.STAGES`) exposes `units(ctx)` and `run(ctx)`. A unit's
+outputs live under its fingerprint (run_identity.py, units.py): before any work the run prints, per unit,
+whether it reuses, resumes, redoes or runs it and why (the fields that differ from the last one kept);
+training resumes from the newest checkpoint, synthesis from its finished shards. After each stage the top
+of the workdir (metrics.json, figures, links) is rebuilt for this run (results.py), report.md at the end.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import time
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
-from diffuseg_jax import atomic, logs, report
+from diffuseg_jax import atomic, logs, preflight, report, results, units
 from diffuseg_jax.config_validation import check_networks, parse_stages, validate
 from diffuseg_jax.context import Context
 from diffuseg_jax.stages import STAGES
@@ -30,29 +34,48 @@ def stage_module(name: str):
 def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True) -> Context:
   validate(config)
   selected = parse_stages(config.stages, STAGES)
-  ctx = Context(config=config, workdir=workdir, mesh=make_mesh(config.mesh), show_progress=show_progress)
+  ctx = Context(config=config, workdir=workdir, mesh=make_mesh(config.mesh), show_progress=show_progress,
+                stages=tuple(selected))
+  preflight.check_data(ctx)  # load the data: one line per split, and stop on data no stage could use
   check_networks(config, ctx.data.spec)  # load and check the data, then every network, before any output
   _prepare_workdir(workdir)
   logs.setup(workdir)
   counts = report.data_counts(ctx.data)
-  ctx.update_results('data', counts)  # process 0 only
+  ctx.data_counts = counts
   if ctx.is_main_process:
     atomic.write_text(ctx.path('config.json'), config.to_json_best_effort(indent=2) + '\n')
     logs.say(f'diffuseg_jax: workdir {os.path.abspath(workdir)}; {jax.device_count()} device(s) '
          f'({jax.devices()[0].platform}), {jax.process_count()} process(es); stages: {", ".join(selected)}')
     logs.say(f'data: {counts["num_source"]} source, {counts["num_target"]} target (training), '
              f'{counts["num_test"]} test images' + ('; few-shot target' if counts['few_shot_target'] else ''))
+    say_plan(ctx, selected)
+  results.publish(ctx)
   for name in selected:
     module = stage_module(name)
-    if module.is_done(ctx):
+    if all(ctx.is_complete(u) for u in module.units(ctx)):
       note = getattr(module, 'skip_note', None)
-      logs.say(f'[{name}] ' + (note(ctx) if note else f'already done in {workdir}: skipped'))
+      logs.say(f'[{name}] ' + (note(ctx) if note else 'complete for this config: reused'))
       continue
     start = time.perf_counter()
     logs.say(f'[{name}] running')
     module.run(ctx)
+    if jax.process_count() > 1:  # process 0 writes results and completion markers: others read them next
+      multihost_utils.sync_global_devices(f'stage {name} done')
     logs.say(f'[{name}] done in {time.perf_counter() - start:.1f} s')
+    results.publish(ctx)
+  results.publish(ctx, report=True)
   return ctx
+
+
+def say_plan(ctx: Context, selected: list[str]) -> None:
+  """One line per unit of the selected stages: reuse | resume | redo | run, and why."""
+  if os.path.isdir(ctx.path('checkpoints')) and not os.path.isdir(ctx.path(units.UNITS_DIR)):
+    logs.say(f'note: {ctx.workdir} holds checkpoints/ of an earlier layout; they are not reused (units/ holds '
+             'this version\'s outputs)')
+  for name in selected:
+    for unit in stage_module(name).units(ctx):
+      action, why = units.plan_line(ctx.workdir, ctx.identities(unit))
+      logs.say(f'plan: {unit:28s} {action:6s} {why}')
 
 
 def _prepare_workdir(workdir: str) -> None:

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 
 from diffuseg_jax import atomic, figures
-from diffuseg_jax.train.metric_writer import read_training_log
 
 STRATEGY_TEXT = {
     'transfer': ('Transfer (source only)', 'source images + labels'),
@@ -73,6 +72,8 @@ def results_table(strategies: dict, unit: str) -> list[str]:
       continue
     r = strategies[name]
     title, used = STRATEGY_TEXT[name]
+    if r.get('oracle') and 'ORACLE' not in title:
+      title += ' (ORACLE: synthesised from the test labels, sampling.mask_set=test)'
     lines.append(f'| {title} | {used} | {len(r["seeds"])} | {pm(r["dice_mean"], r["dice_std"])} | '
                  f'{pm(r["iou_mean"], r["iou_std"])} | {pm(r["hd_mean"], r["hd_std"], 2)} | '
                  f'{pm(r["hd95_mean"], r["hd95_std"], 2)} |')
@@ -87,9 +88,32 @@ def per_class_table(strategies: dict) -> list[str]:
   return lines
 
 
-def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
-  metrics = ctx.read_results()
+def first_seed_units(ctx) -> dict[str, str]:
+  """{strategy: its first seed's evaluation unit}."""
+  from diffuseg_jax.stages import evaluate
+
+  out: dict[str, str] = {}
+  for (strategy, _), unit in evaluate.run_units(ctx).items():
+    out.setdefault(strategy, unit)
+  return out
+
+
+def results_training_units(ctx) -> list[str]:
+  """This run's training units (those with checkpoints), in pipeline order."""
+  from diffuseg_jax import results
+
+  return [u for u in results.run_units(ctx) if u.split('/')[0] in TRAINING_UNITS]
+
+
+TRAINING_UNITS = ('teacher', 'student', 'autoencoder', 'diffusion', 'segment')
+
+
+def write_report(ctx, metrics: dict) -> str:
+  """report.md and its figures for this run (`metrics`: results.gather)."""
+  from diffuseg_jax.stages import evaluate
+
   ev = metrics.get('evaluate', {})
+  predictions = {s: evaluate.load_predictions(ctx, u) for s, u in first_seed_units(ctx).items()}
   data, cfg = ctx.data, ctx.config
   fig_dir = ctx.path('figures')
   k = min(cfg.eval.num_figure_examples, len(data.test))
@@ -100,7 +124,7 @@ def write_report(ctx, predictions: dict[str, np.ndarray]) -> str:
       labels=[data.test.labels[:k]] + [predictions[s][:k] for s in order], num_classes=data.num_classes,
       title='target test images with label contours: ground truth and each strategy (first seed)',
   )
-  rows = read_training_log(ctx.workdir)
+  rows = [r for unit in results_training_units(ctx) for r in ctx.training_log(unit)]
   by_stage: dict[str, list] = {}
   for r in rows:
     stage = r['stage']

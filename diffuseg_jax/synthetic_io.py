@@ -30,7 +30,8 @@ from diffuseg_jax.errors import UserError
 
 
 def synthetic_dir(ctx) -> str:
-  return ctx.path('synthetic')
+  """This run's synthetic set: the synthesize unit's folder (`<workdir>/synthetic` links to it)."""
+  return os.path.join(ctx.unit_dir('synthesize'), 'synthetic')
 
 
 def shard_paths(root: str, shard: int) -> tuple[str, str]:

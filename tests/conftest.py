@@ -27,3 +27,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='diffuseg_xla_cache_')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# jax was imported above (diffuseg_jax.runtime), so it has already read its environment: set the cache in its
+# config too, or in-process pipeline runs would compile every program again.
+import jax  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))

@@ -17,3 +17,11 @@ def tiny_config(variant: str | None = None):
 def make_context(config, workdir) -> Context:
   os.makedirs(workdir, exist_ok=True)
   return Context(config=config, workdir=str(workdir), mesh=make_mesh(config.mesh), show_progress=False)
+
+
+def unit_path(workdir, unit: str) -> str | None:
+  """The newest fingerprint folder of `unit` in a workdir (units.py), or None before it exists."""
+  from diffuseg_jax import units
+
+  fps = units.kept_fingerprints(str(workdir), unit)
+  return units.unit_dir(str(workdir), unit, fps[-1]) if fps else None

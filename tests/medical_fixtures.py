@@ -157,12 +157,21 @@ def make_mmwhs(root: pathlib.Path, n_mr: int = 4, n_ct: int = 6, seed: int = 2) 
 
 
 # Retina ---------------------------------------------------------------------------------------------------
+DRIVE_HW = (584, 565)  # the released DRIVE images: 565 wide, 584 high
+IOSTAR_HW = (1024, 1024)  # the released IOSTAR images (30 of them)
+
+
 def vessel_mask(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
-  """bool [H, W]: a few straight 'vessels' (rows and columns), different per image."""
+  """bool [H, W]: a few straight 'vessels' (rows and columns), different per image; at full resolution
+  (side > 100) they are 1/100 of the side wide, so they survive resizing to the model size."""
   m = np.zeros(hw, bool)
-  m[int(rng.integers(1, hw[0] - 1)), :] = True
-  m[:, int(rng.integers(1, hw[1] - 1))] = True
-  m[int(rng.integers(1, hw[0] - 1)), 2:] = True
+  w = max(1, min(hw) // 100)
+  r0 = int(rng.integers(1, hw[0] - w))
+  m[r0:r0 + w, :] = True
+  c0 = int(rng.integers(1, hw[1] - w))
+  m[:, c0:c0 + w] = True
+  r1 = int(rng.integers(1, hw[0] - w))
+  m[r1:r1 + w, 2:] = True
   return m
 
 
@@ -177,11 +186,14 @@ def _fov(hw: tuple[int, int]) -> np.ndarray:
   return (yy - hw[0] / 2) ** 2 + (xx - hw[1] / 2) ** 2 <= (min(hw) / 2) ** 2
 
 
-def make_drive(root: pathlib.Path, hw: tuple[int, int] = (18, 20), seed: int = 3) -> dict[str, np.ndarray]:
-  """DRIVE: {training,test}/{images,1st_manual,mask}/..., numbers 21-24 (training) and 01-02 (test)."""
+def make_drive(root: pathlib.Path, hw: tuple[int, int] = (18, 20), seed: int = 3, training=range(21, 25),
+               test=range(1, 3)) -> dict[str, np.ndarray]:
+  """DRIVE: {training,test}/{images,1st_manual,mask}/..., numbers 21-24 (training) and 01-02 (test).
+
+  The release: hw=DRIVE_HW, training=range(21, 41), test=range(1, 21) (40 labelled images)."""
   rng = np.random.default_rng(seed)
   expected = {}
-  for part, numbers in (('training', range(21, 25)), ('test', range(1, 3))):
+  for part, numbers in (('training', training), ('test', test)):
     for d in ('images', '1st_manual', 'mask', '2nd_manual'):
       (root / part / d).mkdir(parents=True, exist_ok=True)
     for n in numbers:
@@ -212,18 +224,4 @@ def make_iostar(root: pathlib.Path, n: int = 6, hw: tuple[int, int] = (16, 16), 
       Image.fromarray(_fov(hw).astype(np.uint8) * 255).save(root / 'mask' / f'{stem}_Mask.png')
     Image.fromarray(np.zeros((*hw, 3), np.uint8)).save(root / 'AV_GT' / f'{stem}_AV.png')
     expected[stem] = vessels
-  return expected
-
-
-def add_drive_training(root: pathlib.Path, numbers=range(25, 29), hw: tuple[int, int] = (18, 20), seed: int = 5
-                       ) -> dict[str, np.ndarray]:
-  """More DRIVE training cases (the release has 21-40) next to `make_drive`'s, for runs needing >= 8 images."""
-  rng = np.random.default_rng(seed)
-  expected = {}
-  for n in numbers:
-    vessels = vessel_mask(rng, hw)
-    Image.fromarray(_fundus(rng, vessels)).save(root / 'training' / 'images' / f'{n:02d}_training.tif')
-    Image.fromarray(vessels.astype(np.uint8) * 255).save(root / 'training' / '1st_manual' / f'{n:02d}_manual1.gif')
-    Image.fromarray(_fov(hw).astype(np.uint8) * 255).save(root / 'training' / 'mask' / f'{n:02d}_training_mask.gif')
-    expected[f'{n:02d}_training'] = vessels
   return expected

@@ -70,11 +70,33 @@ def test_quick_and_gpu_sizes(name):
     assert quick.data.max_cases is not None and quick.data.max_cases <= 8
     assert quick.diffusion.base_channels <= base.diffusion.base_channels
   assert gpu.diffusion.steps >= 20000 and gpu.segmentation.steps >= 4000
-  assert 64 <= gpu.diffusion.batch_size <= 128 and 64 <= gpu.segmentation.batch_size <= 128
-  for batch in (gpu.vae.batch_size, gpu.autoencoder.batch_size, gpu.diffusion.batch_size,
-                gpu.sampling.batch_size, gpu.segmentation.batch_size, gpu.eval.batch_size):
-    assert batch % 8 == 0  # global batches split over 8 GPUs
-  assert gpu.data.max_cases is None and gpu.sampling.num_masks is None
+  # gpu batches: 64 to 128, or what the data allows (RELEASED_SPLITS, test_batches_fit_the_released_data)
+  assert min(64, base.diffusion.batch_size) <= gpu.diffusion.batch_size <= 128
+  assert min(64, base.segmentation.batch_size) <= gpu.segmentation.batch_size <= 128
+  for c in (base, gpu):
+    for batch in (c.vae.batch_size, c.autoencoder.batch_size, c.diffusion.batch_size,
+                  c.sampling.batch_size, c.segmentation.batch_size, c.eval.batch_size):
+      assert batch % 8 == 0  # global batches split over 8 GPUs
+  assert gpu.data.max_cases is None and gpu.sampling.num_masks == base.sampling.num_masks  # no caps
+
+
+# The training split(s) each section's batches are drawn from (stages teacher + student, autoencoder, ...;
+# segment: transfer on the source, self on the target).
+BATCH_SPLITS = {'vae': ('source', 'target'), 'autoencoder': ('target',), 'diffusion': ('target',),
+                'segmentation': ('source', 'target')}
+
+
+@pytest.mark.parametrize('name,variant', [(n, v) for n in ('mscmr', 'acdc', 'mmwhs', 'iostar') for v in (None, 'gpu')])
+def test_batches_fit_the_released_data(name, variant):
+  """At the split sizes of the dataset as released (the config's RELEASED_SPLITS, as its docstring states
+  them), no training batch is larger than a split it is drawn from: a batch never holds a row twice."""
+  module, c = load_config_module(name), load_config(name, variant)
+  sizes = module.RELEASED_SPLITS
+  assert set(sizes) == {'source', 'target', 'val', 'test'}
+  for section, splits in BATCH_SPLITS.items():
+    assert c[section].batch_size <= min(sizes[s] for s in splits), (section, c[section].batch_size, sizes)
+  for count in sizes.values():
+    assert f'{count}' in module.__doc__  # the docstring states the sizes
 
 
 @pytest.mark.parametrize('name,variant', [(n, v) for n in DATASET_CONFIGS for v in ('quick', 'gpu')])

@@ -16,10 +16,12 @@ import pytest
 from helpers import tiny_config
 from jax.sharding import Mesh
 
+from diffuseg_jax import run_identity
 from diffuseg_jax.context import Context
-from diffuseg_jax.train import metric_writer
 from diffuseg_jax.train import task as task_lib
 from diffuseg_jax.train.task import Task
+
+run_identity.register('toy', run_identity.UnitSpec(run_identity.COMMON))  # the toy task's unit
 
 STEPS = 3
 CLASSES = 3
@@ -73,7 +75,7 @@ def _train(workdir, num_devices: int):
   assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == num_devices
   initial = jax.tree.map(np.asarray, state.params)
   result = ctx.train(task, _arrays())
-  losses = [row['loss'] for row in metric_writer.read_training_log(ctx.workdir, 'toy')]
+  losses = [row['loss'] for row in ctx.training_log('toy')]
   return initial, jax.tree.map(np.asarray, result.state.params), np.asarray(losses)
 
 

@@ -1,9 +1,10 @@
 """The whole pipeline (teacher ... evaluate) on tiny copies of each medical dataset's public layout.
 
 Every dataset is built on disk in its release layout (tests/medical_fixtures.py, tests/fixtures.py) and run
-with the tiny test config (2 steps per stage, strategies transfer + diffuseg). The checks are the outputs
-a user relies on: scores in metrics.json, predictions on the ORIGINAL voxel grid with the ORIGINAL affine and
-the dataset's own label values, synthetic NIfTI pairs with their spacing, and the nnU-Net export.
+with the tiny test config (2 steps per stage, strategies transfer + diffuseg), except DRIVE -> IOSTAR: its
+released sizes, run with configs/iostar.py (`build_retina`). The checks are the outputs a user relies on:
+scores in metrics.json, predictions on the ORIGINAL voxel grid with the ORIGINAL affine and the dataset's
+own label values, synthetic NIfTI pairs with their spacing, and the nnU-Net export.
 
 Compile time dominates on CPU, so the module shares one persistent XLA cache across its runs: datasets with
 the same shapes (MSCMRseg, ACDC -> MSCMRseg) then reuse each other's programs.
@@ -26,6 +27,7 @@ from helpers import tiny_config
 from jax.experimental.compilation_cache import compilation_cache
 
 from diffuseg_jax import pipeline
+from diffuseg_jax.config_files import load_config, load_config_module
 from diffuseg_jax.context import Context
 from diffuseg_jax.data import export, nifti, volumes
 from diffuseg_jax.data.types import Split, VolumeInfo
@@ -109,12 +111,36 @@ def build_folder_nifti(root: pathlib.Path, shape=(6, 8, 8)):
 
 
 def build_retina(root: pathlib.Path):
-  mf.make_drive(root / 'DRIVE')
-  mf.add_drive_training(root / 'DRIVE')  # 10 source images: a batch of 8 (one per virtual device)
-  mf.make_iostar(root / 'IOSTAR', n=12)
-  config = fast_config(name='retina', root=str(root / 'DRIVE'), target_root=str(root / 'IOSTAR'),
-                       source='drive', target='iostar', channels=3)
+  """DRIVE -> IOSTAR as released: 40 labelled DRIVE images of 565 x 584 and 30 IOSTAR images of 1024 x 1024,
+  at full resolution on disk, run with configs/iostar.py: its image size (256), its batch sizes (8 and 16,
+  evaluation 8) and data settings. Reduced: the steps (1 per stage, 2 DDIM steps), the synthetic pairs (8:
+  fewer than the segmentation batch of 16, so the diffuseg network draws batches from a smaller set), one
+  seed, STRATEGIES, and the networks' widths and depths (`small_networks`). With the config's own networks
+  this case takes about 6 minutes on 2 CPU cores (about 2 with small ones), over the suite's budget; set
+  DIFFUSEG_TEST_OWN_NETWORKS=1 to run it so."""
+  mf.make_drive(root / 'DRIVE', hw=mf.DRIVE_HW, training=range(21, 41), test=range(1, 21))
+  mf.make_iostar(root / 'IOSTAR', n=30, hw=mf.IOSTAR_HW)
+  config = load_config('iostar')
+  config.data.update(root=str(root / 'DRIVE'), target_root=str(root / 'IOSTAR'))
+  config.vae.teacher_steps = config.vae.student_steps = config.autoencoder.steps = 1
+  config.diffusion.steps = config.segmentation.steps = 1
+  config.sampling.num_steps = 2
+  config.sampling.num_masks = 8
+  config.segmentation.update(seeds=(0,), strategies=','.join(STRATEGIES))
+  config.train.progress = False
+  if os.environ.get('DIFFUSEG_TEST_OWN_NETWORKS') != '1':
+    small_networks(config)
   return config, {}
+
+
+def small_networks(c) -> None:
+  """Narrow, shallow networks at the config's image size: the diffusion UNet keeps two levels with attention
+  only in the middle block (32 x 32 tokens of 64 x 64 latents; one level would attend over 64 x 64)."""
+  c.vae.update(base_channels=8, levels=1, z_seg_channels=4, z_dom_dim=4)
+  c.autoencoder.base_channels = 8
+  c.diffusion.update(base_channels=8, channel_mult=(1, 1), attention_levels=(), num_heads=2, num_cond_tokens=2,
+                     num_timesteps=100)
+  c.segmentation.update(base_channels=8, levels=1)
 
 
 def _mscmr_images(root: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -157,12 +183,12 @@ def full_run(finished):
 def test_command_runs_on_the_layout(finished):
   """Every dataset: the run loads the layout and trains; data in the right units/format."""
   name, ctx, _ = finished
-  rows = [json.loads(line) for line in open(ctx.path('metrics.jsonl'))]
-  teacher = [r for r in rows if r['stage'] == 'teacher']
+  teacher = ctx.training_log('teacher')
   assert teacher and teacher[-1]['step'] == ctx.config.vae.teacher_steps and np.isfinite(teacher[-1]['loss'])
   data = ctx.data
   expected_classes = {'mmwhs': 8, 'retina': 2, 'folder_nifti': 4}.get(name, 4)
-  assert data.num_classes == expected_classes and data.image_size == (16, 16)
+  size = 256 if name == 'retina' else 16  # retina: configs/iostar.py's own size
+  assert data.num_classes == expected_classes and data.image_size == (size, size)
   assert data.channels == (3 if name == 'retina' else 1)
   assert (data.spacing_unit, data.image_format) == (('px', 'png') if name == 'retina' else ('mm', 'nifti'))
   assert evaluate.is_volumetric(ctx) == export.has_volumes(ctx.data) == (name in VOLUMETRIC)
@@ -214,6 +240,7 @@ def test_ground_truth_written_back_equals_the_label_files(finished, tmp_path):
   (folder: nearest x2 and back), so resizing is exact."""
   name, ctx, images = finished
   copy = Context(config=ctx.config, workdir=str(tmp_path), mesh=ctx.mesh, show_progress=False)
+  copy.data = ctx.data  # the run's data (loading it again costs seconds at retina's released sizes)
   written = export.write_volume_predictions(copy.data, copy.data.test.labels, copy.path('predictions', 'ground_truth'))
   if name not in VOLUMETRIC:
     assert written == [] and not (tmp_path / 'predictions').exists()
@@ -258,6 +285,32 @@ def test_synthetic_pairs_and_nnunet_export(finished):
   label = nib.load(str(folders[0] / 'labelsTr' / f'{first}.nii.gz'))
   np.testing.assert_array_equal(np.asarray(label.dataobj)[..., 0], synth['label'][0])
   np.testing.assert_allclose(label.header.get_zooms()[:2], spacing[0], rtol=1e-5)
+
+
+def test_retina_at_released_sizes(finished):
+  """DRIVE -> IOSTAR (build_retina): every split at its released size, every batch the config's own, and
+  every stage through `evaluate`, although the diffuseg network's training set is smaller than its batch."""
+  name, ctx, _ = finished
+  if name != 'retina':
+    pytest.skip('the released-size case is retina only')
+  data, config, own = ctx.data, ctx.config, load_config('iostar')
+  released = load_config_module('iostar').RELEASED_SPLITS  # 40 DRIVE; IOSTAR 21 / 3 / 6
+  assert {k: len(getattr(data, k)) for k in ('source', 'target', 'val', 'test')} == released
+  assert {info.extra['original_shape'] for info in data.source.volumes.values()} == {mf.DRIVE_HW}
+  assert {info.extra['original_shape'] for info in data.test.volumes.values()} == {mf.IOSTAR_HW}
+  assert data.source.images.shape == (40, 256, 256, 3) and data.test.labels.shape == (6, 256, 256)
+  for section in ('vae', 'autoencoder', 'diffusion', 'sampling', 'segmentation', 'eval'):
+    assert config[section].batch_size == own[section].batch_size
+  assert config.data.image_size == own.data.image_size
+  num_pairs = len(load_synthetic(ctx)['image'])
+  assert num_pairs == 8 < config.segmentation.batch_size
+  assert ctx.training_log('segment/diffuseg_seed0')[-1]['step'] == config.segmentation.steps
+  strategies = ctx.read_results()['evaluate']['strategies']
+  assert set(strategies) == set(STRATEGIES) and all(np.isfinite(r['dice_mean']) for r in strategies.values())
+  # Latent diffusion through the KL autoencoder this run trained (factor 4: 64 x 64 x 4 latents).
+  autoencoder = ctx.read_results()['autoencoder']
+  assert autoencoder['kind'] == 'kl' and autoencoder['downsample'] == 4 and autoencoder['scaling_factor'] > 0
+  assert load_synthetic(ctx)['image'].shape[1:] == (256, 256, 3)
 
 
 def _fov_split(fov: np.ndarray, labels: np.ndarray) -> Split:

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, unit_path
 from jax.sharding import Mesh
 
 from diffuseg_jax import distributed
@@ -106,6 +106,8 @@ def reference(tmp_path_factory):
   ckpt = StageCheckpointer(ctx.checkpoint_dir('diffusion'))
   ckpt.save(ctx.config.diffusion.steps, state, force=True)
   ckpt.close()
+  ctx.complete('student', STEPS)
+  ctx.complete('diffusion', ctx.config.diffusion.steps)
   synthesize.run(ctx)
   return workdir
 
@@ -114,14 +116,12 @@ def reference(tmp_path_factory):
 def two_processes(reference, tmp_path_factory):
   """Two processes on a workdir holding the reference's student and diffusion checkpoints and shard 0."""
   workdir = str(tmp_path_factory.mktemp('two_processes') / 'wd')
-  for stage in ('student', 'diffusion'):
-    shutil.copytree(os.path.join(reference, 'checkpoints', stage), os.path.join(workdir, 'checkpoints', stage))
-  with open(os.path.join(reference, 'metrics.json')) as f:
-    metrics = {k: v for k, v in json.load(f).items() if k != 'synthesize'}
-  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-    json.dump(metrics, f)
+  for unit in ('student', 'diffusion'):
+    shutil.copytree(os.path.join(reference, 'units', unit), os.path.join(workdir, 'units', unit))
   # Shard 0 as an earlier, killed run left it: finished, with no manifest yet.
-  src, dst = os.path.join(reference, 'synthetic'), os.path.join(workdir, 'synthetic')
+  ctx = Context(config=_config(), workdir=workdir, mesh=Mesh(np.asarray(jax.devices()[:1]), ('data',)))
+  src = os.path.join(unit_path(reference, 'synthesize'), 'synthetic')
+  dst = os.path.join(ctx.unit_dir('synthesize'), 'synthetic')
   for path in shard_paths(src, 0):
     os.makedirs(os.path.join(dst, 'shards'), exist_ok=True)
     shutil.copy2(path, os.path.join(dst, 'shards', os.path.basename(path)))
@@ -140,7 +140,8 @@ def two_processes(reference, tmp_path_factory):
   # Launch 1: SIGTERM to process 1 alone, mid-teacher. Both must stop at one agreed step and checkpoint it.
   launcher = subprocess.Popen(command, cwd=ROOT, env={**env, 'LAUNCH_LOG_DIR': f'{logs}/1'}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  _wait_for(lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', 'teacher', str(EVERY))), launcher)
+  _wait_for(lambda: os.path.isdir(os.path.join(unit_path(workdir, 'teacher') or '-', 'checkpoints', str(EVERY))),
+            launcher)
   os.kill(_child_with_process_id(launcher.pid, 1), signal.SIGTERM)
   launcher.communicate(timeout=600)
   first = _read_logs(f'{logs}/1')
@@ -148,7 +149,7 @@ def two_processes(reference, tmp_path_factory):
   stops = {int(m) for log in first.values() for m in re.findall(r'preempted, checkpoint saved at step (\d+)', log)}
   assert len(stops) == 1 and all('preempted' in log for log in first.values()), stops
   stop = stops.pop()
-  assert EVERY <= stop < STEPS and os.path.isdir(os.path.join(workdir, 'checkpoints', 'teacher', str(stop)))
+  assert EVERY <= stop < STEPS and os.path.isdir(os.path.join(unit_path(workdir, 'teacher'), 'checkpoints', str(stop)))
 
   # Launch 2: resume the teacher, then synthesise.
   proc = subprocess.run(command, cwd=ROOT, env={**env, 'LAUNCH_LOG_DIR': f'{logs}/2'}, capture_output=True,
@@ -183,7 +184,7 @@ def _read_logs(folder) -> dict[int, str]:
 
 
 def _final_params(workdir, stage):
-  folder = os.path.join(workdir, 'checkpoints', stage)
+  folder = os.path.join(unit_path(workdir, stage), 'checkpoints')
   path = os.path.join(folder, str(max(int(s) for s in os.listdir(folder) if s.isdigit())), 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
@@ -208,14 +209,14 @@ def test_sigterm_to_one_process_stopped_both_at_one_step(two_processes):
   Here: the stop was mid-training, and the rerun resumed from exactly that checkpoint."""
   workdir, _, _, stop = two_processes
   assert EVERY <= stop < STEPS
-  steps = [r['step'] for r in metric_writer.read_training_log(workdir, 'teacher')]
+  steps = [r['step'] for r in metric_writer.read_training_log(unit_path(workdir, 'teacher'), 'teacher')]
   assert steps == list(range(1, STEPS + 1))  # each step once: nothing lost, nothing redone
 
 
 def test_teacher_matches_one_process(reference, two_processes):
   workdir, _, _, _ = two_processes
-  rows = metric_writer.read_training_log(workdir, 'teacher')
-  ref_rows = metric_writer.read_training_log(reference, 'teacher')
+  rows = metric_writer.read_training_log(unit_path(workdir, 'teacher'), 'teacher')
+  ref_rows = metric_writer.read_training_log(unit_path(reference, 'teacher'), 'teacher')
   assert [r['step'] for r in rows] == [r['step'] for r in ref_rows]  # written once: by process 0 only
   np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in ref_rows], rtol=1e-5)
   ours, ref = _final_params(workdir, 'teacher'), _final_params(reference, 'teacher')
@@ -232,7 +233,7 @@ def test_teacher_matches_one_process(reference, two_processes):
 
 def test_synthesis_split_across_processes_matches_one_process(reference, two_processes):
   workdir, _, kept, _ = two_processes
-  root, ref_root = os.path.join(workdir, 'synthetic'), os.path.join(reference, 'synthetic')
+  root, ref_root = os.path.join(workdir, 'synthetic'), os.path.join(unit_path(reference, 'synthesize'), 'synthetic')
   assert os.stat(shard_paths(root, 0)[0]).st_mtime_ns == kept  # finished before: not redone
   for k in range(NUM_SHARDS):
     ours, ref = np.load(shard_paths(root, k)[0]), np.load(shard_paths(ref_root, k)[0])

@@ -1,4 +1,5 @@
-"""The whole pipeline on embedded data with the tiny test config: every stage, outputs, resume and skip."""
+"""The whole pipeline on embedded data with the tiny test config: every stage, outputs, resume and skip, and
+run identity (reruns with changed fields recompute exactly what changed)."""
 
 import json
 import os
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from diffuseg_jax import pipeline
+from diffuseg_jax import pipeline, run_identity, units, workdir
+from diffuseg_jax.run_identity import Identities
 from diffuseg_jax.synthetic_io import load_synthetic
 
 
@@ -41,13 +43,15 @@ def test_metrics_json_has_the_stable_shape(finished_run):
 
 
 def test_outputs_on_disk(finished_run):
-  for rel in ('config.json', 'report.md', 'metrics.jsonl', 'log.txt', 'figures/synthesis_examples.png',
+  for rel in ('config.json', 'report.md', 'log.txt', 'figures/synthesis_examples.png',
               'figures/ffd_vae_reconstructions.png', 'figures/ffd_vae_segmentations.png',
               'figures/loss_curves.png', 'figures/segmentation_examples.png', 'synthetic/manifest.jsonl'):
     assert os.path.exists(finished_run.path(rel)), rel
   report = open(finished_run.path('report.md')).read()
   assert 'Transfer (source only)' in report and 'DiffuSeg (synthetic only)' in report and 'ORACLE' in report
-  assert os.listdir(finished_run.path('tensorboard', 'teacher'))
+  assert os.listdir(os.path.join(finished_run.unit_dir('teacher'), 'tensorboard', 'teacher'))
+  assert finished_run.training_log('teacher')[-1]['step'] == finished_run.config.vae.teacher_steps
+  assert os.path.islink(finished_run.path('synthetic'))  # -> this run's synthesize unit
 
 
 def test_every_mask_synthesised_exactly_once(finished_run):
@@ -66,14 +70,16 @@ def test_every_mask_synthesised_exactly_once(finished_run):
 def test_rerun_skips_every_stage(finished_run, capsys):
   pipeline.run(finished_run.config, finished_run.workdir, show_progress=False)
   out = capsys.readouterr().out
-  assert out.count('skipped') + out.count('nothing to train') == len(pipeline.STAGES)
+  assert out.count('reused') + out.count('nothing to train') == len(pipeline.STAGES)
+  assert out.count('plan: ') == out.count(' reuse ') > 0
 
 
 def test_killed_synthesis_resumes_only_missing_shards(finished_run, tmp_path):
   """Delete one finished shard (as if the job died before writing it): the rerun redoes exactly that one."""
   workdir = tmp_path / 'wd'
-  shutil.copytree(finished_run.workdir, workdir)
+  shutil.copytree(finished_run.workdir, workdir, symlinks=True)
   root = workdir / 'synthetic'
+  os.remove(root / '..' / 'complete.json')  # killed before the unit was complete
   os.remove(root / 'manifest.jsonl')
   os.remove(root / 'shards' / 'shard_00001.jsonl')
   before = os.path.getmtime(root / 'shards' / 'shard_00000.jsonl')
@@ -85,17 +91,137 @@ def test_killed_synthesis_resumes_only_missing_shards(finished_run, tmp_path):
   assert sorted(r['mask_index'] for r in rows) == list(range(config.sampling.num_masks))
 
 
-def test_kl_latent_space_path(finished_run, tmp_path):
-  """Latent diffusion through a KL autoencoder trained here (reusing the finished FFD-VAE stages)."""
-  workdir = tmp_path / 'wd'
-  os.makedirs(workdir / 'checkpoints')
-  for stage in ('teacher', 'student'):
-    shutil.copytree(finished_run.path('checkpoints', stage), workdir / 'checkpoints' / stage)
-  shutil.copy(finished_run.path('metrics.json'), workdir / 'metrics.json')
-  config = tiny_config('kl')
-  config.stages = 'autoencoder,diffusion,synthesize'
-  ctx = pipeline.run(config, str(workdir), show_progress=False)
-  metrics = ctx.read_results()
-  assert metrics['autoencoder']['kind'] == 'kl' and metrics['autoencoder']['downsample'] == 2
-  assert metrics['autoencoder']['scaling_factor'] > 0
-  assert load_synthetic(ctx)['image'].shape[1:] == (16, 16, 3)
+# ---- Run identity: a rerun recomputes exactly the units whose fields (or upstream units) changed, keeps ----
+# every earlier output, and the top of the workdir always describes the current run. Each case copies the
+# finished run; a reused unit keeps its folder untouched (no file in it changes), a redone one gets a new one.
+STRATEGIES = ('transfer', 'self', 'semi', 'diffuseg')
+
+
+def _config(**overrides):
+  c = tiny_config()
+  for dotted, value in overrides.items():
+    section, field = dotted.split('.')
+    c[section][field] = value
+  return c
+
+
+def _copy(finished_run, tmp_path) -> str:
+  wd = str(tmp_path / 'wd')
+  shutil.copytree(finished_run.workdir, wd, symlinks=True)
+  return wd
+
+
+def _snapshot(wd: str) -> dict[str, float]:
+  """{unit/fingerprint: newest file time in it}: which unit folders exist, and whether any file changed."""
+  out = {}
+  for unit, fp, path in units.all_units(wd):
+    out[f'{unit}/{fp}'] = max(os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+  return out
+
+
+def _changes(before: dict, after: dict) -> tuple[set, set]:
+  """(units with a new folder, units whose existing folder changed)."""
+  new = {k.rsplit('/', 1)[0] for k in set(after) - set(before)}
+  touched = {k.rsplit('/', 1)[0] for k in before if after.get(k) != before[k]}
+  return new, touched
+
+
+def test_fingerprints_follow_the_fields_each_unit_reads():
+  base = Identities(_config())
+  other = Identities(_config(**{'sampling.guidance_scale': 3.0}))
+  for unit in ('teacher', 'student', 'diffusion', 'segment/transfer_seed0'):
+    assert base(unit).fingerprint == other(unit).fingerprint, unit
+  for unit in ('synthesize', 'segment/diffuseg_seed0', 'evaluate/diffuseg_seed0', 'quality'):
+    assert base(unit).fingerprint != other(unit).fingerprint, unit
+  student_only = Identities(_config(**{'vae.student_steps': 5}))
+  assert base('teacher').fingerprint == student_only('teacher').fingerprint
+  assert base('student').fingerprint != student_only('student').fingerprint
+  unseen = Identities(_config(**{'train.progress': True, 'checkpoint.every_steps': 3, 'eval.batch_size': 8}))
+  assert all(base(u).fingerprint == unseen(u).fingerprint for u in ('teacher', 'synthesize', 'quality'))
+  diff = run_identity.differences(base('synthesize').fields, other('synthesize').fields)
+  assert diff == ['sampling.guidance_scale: 1.0 -> 3.0']
+
+
+def test_changed_sampling_fields_redo_synthesis_and_what_follows(finished_run, tmp_path, capsys):
+  """guidance 1 -> 3 and the test labels as the mask set: synthesis, the segmenter trained on it and their
+  scores are redone, nothing upstream; the report shows the new values and marks the test-label run ORACLE."""
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  ctx = pipeline.run(_config(**{'sampling.guidance_scale': 3.0, 'sampling.mask_set': 'test'}), wd,
+                     show_progress=False)
+  new, touched = _changes(before, _snapshot(wd))
+  assert new == {'synthesize', 'segment/diffuseg_seed0', 'segment/semi_seed0', 'evaluate/diffuseg_seed0',
+                 'evaluate/semi_seed0', 'quality'}
+  assert touched == set()  # teacher ... diffusion, transfer, self: reused as they were
+  out = capsys.readouterr().out
+  assert 'sampling.guidance_scale: 1.0 -> 3.0; sampling.mask_set: source -> test' in out and 'plan: teacher' in out
+  metrics = json.load(open(os.path.join(wd, 'metrics.json')))
+  assert metrics['synthesize']['guidance_scale'] == 3.0
+  assert metrics['synthesize']['fingerprint'] == ctx.fingerprint('synthesize') == metrics['fingerprints']['synthesize']
+  strategies = metrics['evaluate']['strategies']
+  assert strategies['diffuseg']['per_seed'][0]['fingerprint'] == ctx.fingerprint('evaluate/diffuseg_seed0')
+  assert strategies['diffuseg']['oracle'] and not strategies['transfer']['oracle']
+  report = open(os.path.join(wd, 'report.md')).read()
+  assert 'guidance 3.0' in report and 'ORACLE: synthesised from the test labels' in report
+  assert json.load(open(os.path.join(wd, 'config.json')))['sampling']['guidance_scale'] == 3.0
+  assert os.path.realpath(os.path.join(wd, 'synthetic')).startswith(os.path.realpath(ctx.unit_dir('synthesize')))
+
+
+def test_added_seed_trains_and_evaluates_only_that_seed(finished_run, tmp_path):
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  pipeline.run(_config(**{'segmentation.seeds': (0, 1)}), wd, show_progress=False)
+  new, touched = _changes(before, _snapshot(wd))
+  assert new == {f'{kind}/{s}_seed1' for kind in ('segment', 'evaluate') for s in STRATEGIES} and touched == set()
+  metrics = json.load(open(os.path.join(wd, 'metrics.json')))
+  assert metrics['evaluate']['strategies']['diffuseg']['seeds'] == [0, 1]
+  assert '| 2 |' in open(os.path.join(wd, 'report.md')).read()  # the seeds column
+
+
+def test_changed_network_shape_retrains_it_and_switching_back_trains_nothing(finished_run, tmp_path, capsys):
+  """A wider segmentation UNet: every segmenter and its scores are redone, every earlier checkpoint kept;
+  the original config again trains nothing; the listing and removal command see both fingerprints."""
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  pipeline.run(_config(**{'segmentation.base_channels': 12}), wd, show_progress=False)
+  after = _snapshot(wd)
+  new, touched = _changes(before, after)
+  assert new == {f'{kind}/{s}_seed0' for kind in ('segment', 'evaluate') for s in STRATEGIES}
+  assert touched == set() and set(before) <= set(after)  # every earlier checkpoint kept, unchanged
+  capsys.readouterr()
+  pipeline.run(_config(), wd, show_progress=False)  # the original config again
+  assert _snapshot(wd) == after  # nothing trained, nothing written in any unit
+  out = capsys.readouterr().out
+  assert ' run ' not in out and 'running' not in out
+  lines = [line for line in workdir.listing(wd) if line.startswith('segment/transfer_seed0 ')]
+  assert len(lines) == 2 and any(line.endswith('current') for line in lines)
+  assert any('segmentation.base_channels: 8 -> 12' in line for line in lines)
+  # Removing the wider network's fingerprint removes that folder only.
+  wider = [fp for fp in units.kept_fingerprints(wd, 'segment/transfer_seed0') if fp != finished_run.fingerprint(
+      'segment/transfer_seed0')]
+  assert workdir.main([wd, '--remove', f'segment/transfer_seed0/{wider[0]}']) == 0
+  assert units.kept_fingerprints(wd, 'segment/transfer_seed0') == [finished_run.fingerprint('segment/transfer_seed0')]
+  assert len(units.kept_fingerprints(wd, 'segment/diffuseg_seed0')) == 2  # not named: kept
+  with pytest.raises(SystemExit, match='no unit folder'):
+    workdir.remove(wd, ['000000000000'])
+
+
+def test_garbled_final_checkpoint_redoes_its_stage_only(finished_run, tmp_path, capsys):
+  wd = _copy(finished_run, tmp_path)
+  ctx = pipeline.Context(config=_config(), workdir=wd, mesh=finished_run.mesh, show_progress=False)
+  final = os.path.join(ctx.unit_dir('diffusion'), 'checkpoints', str(ctx.config.diffusion.steps))
+  victim = max((os.path.join(r, f) for r, _, fs in os.walk(final) for f in fs), key=os.path.getsize)
+  with open(victim, 'r+b') as f:  # same size, other bytes: only the recorded checksum can tell
+    data = bytearray(f.read())
+    data[len(data) // 2] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+  assert not ctx.is_complete('diffusion')
+  before = _snapshot(wd)
+  pipeline.run(_config(), wd, show_progress=False)
+  out = capsys.readouterr().out
+  assert 'diffusion' in out and 'redo' in out and 'changed since it was written' in out
+  new, touched = _changes(before, _snapshot(wd))
+  assert new == set() and touched == {'diffusion'}  # downstream units were made from the intact final model
+  assert ctx.is_complete('diffusion')
+  assert os.path.isdir(os.path.join(ctx.unit_dir('diffusion'), 'checkpoints.unreadable'))

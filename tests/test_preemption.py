@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import unit_path
 
 from diffuseg_jax.train import metric_writer
 
@@ -57,7 +58,7 @@ def _stderr(proc) -> str:
 
 def _steps(workdir) -> list[int]:
   """Finished checkpoints (orbax renames a step folder into place only once it is complete)."""
-  folder = os.path.join(workdir, 'checkpoints', 'teacher')
+  folder = os.path.join(unit_path(workdir, 'teacher') or '-', 'checkpoints')
   return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
 
 
@@ -84,7 +85,7 @@ def _finish(proc, timeout: float = 300.0) -> tuple[int, str]:
 
 def _final_state(workdir) -> dict:
   """The train state (params, EMA, optimiser state, step) of the newest checkpoint, as numpy arrays."""
-  path = os.path.join(workdir, 'checkpoints', 'teacher', str(max(_steps(workdir))), 'state')
+  path = os.path.join(unit_path(workdir, 'teacher'), 'checkpoints', str(max(_steps(workdir))), 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   return checkpointer.restore(path, restore_args=jax.tree.map(
@@ -143,7 +144,7 @@ def test_sigterm_and_sigkills_then_resume_reaches_the_uninterrupted_state_bitwis
   stop = int(match.group(1))
   assert EVERY <= stop < STEPS and _steps(workdir)[-1] == stop
   assert 'rerun the same command to resume' in err and 'Traceback' not in err
-  logged = [row['step'] for row in metric_writer.read_training_log(str(workdir), 'teacher')]
+  logged = [row['step'] for row in metric_writer.read_training_log(unit_path(workdir, 'teacher'), 'teacher')]
   assert logged[-1] == stop  # the stop step's metrics are flushed with its checkpoint
 
   # SIGKILL the moment the resumed run has written a checkpoint (the next save may be under way).
@@ -171,6 +172,6 @@ def test_sigterm_and_sigkills_then_resume_reaches_the_uninterrupted_state_bitwis
 
 def _assert_lost_at_most_one_interval(workdir) -> None:
   """The newest complete checkpoint is at most one interval behind the newest logged step."""
-  logged = [row['step'] for row in metric_writer.read_training_log(str(workdir), 'teacher')]
+  logged = [row['step'] for row in metric_writer.read_training_log(unit_path(workdir, 'teacher'), 'teacher')]
   assert logged and _steps(workdir), 'nothing was trained before the kill'
   assert max(_steps(workdir)) >= max(logged) - EVERY, (max(_steps(workdir)), max(logged))

@@ -170,7 +170,7 @@ def test_settings_validation():
 def test_settings_from_config():
   cfg = ml_collections.ConfigDict({'sampling': dict(num_steps=20, eta=0.5, guidance_scale=3.0,
                                                     blend_mode='pyramid', blend_until=0.8, soft_sigma=2.0,
-                                                    pyramid_levels=4, save_trajectory=True),
+                                                    pyramid_levels=4),
                                    'diffusion': dict(num_timesteps=200)})
   s = sampler.SamplerSettings.from_config(cfg)
-  assert s == sampler.SamplerSettings(20, 0.5, 3.0, 'pyramid', 0.8, 2.0, 4, True, 200)
+  assert s == sampler.SamplerSettings(20, 0.5, 3.0, 'pyramid', 0.8, 2.0, 4, False, 200)  # the stage keeps x_0 only

@@ -10,7 +10,8 @@ from diffuseg_jax import synthetic_io
 
 
 def _ctx(workdir):
-  return types.SimpleNamespace(path=lambda *parts: os.path.join(str(workdir), *parts))
+  """What synthetic_io reads of a context: the synthesize unit's folder."""
+  return types.SimpleNamespace(unit_dir=lambda unit: os.path.join(str(workdir), 'units', unit, 'fp'))
 
 
 def _write(root, shard, index, plan):

@@ -11,12 +11,15 @@ import optax
 import pytest
 from helpers import make_context, tiny_config
 
-from diffuseg_jax.errors import NonFiniteLossError
+from diffuseg_jax import run_identity
+from diffuseg_jax.errors import NonFiniteLossError, UserError
 from diffuseg_jax.train import sharding
 from diffuseg_jax.train import task as task_lib
-from diffuseg_jax.train.checkpoint import StageCheckpointer
+from diffuseg_jax.train.checkpoint import CheckpointMismatchError, StageCheckpointer
 from diffuseg_jax.train.state import TrainState
 from diffuseg_jax.train.task import Task
+
+run_identity.register('toy', run_identity.UnitSpec(run_identity.COMMON))  # the toy task's unit
 
 D = 6
 
@@ -53,9 +56,8 @@ def test_toy_task_trains_through_the_generic_step(tmp_path):
   task = _task(num_steps=60, lr=0.05)
   result = ctx.train(task, _arrays())
   assert result.steps_run == 60 and int(result.state.step) == 60 and ctx.is_trained(task)
-  from diffuseg_jax.train.metric_writer import read_training_log
 
-  mse = [row['mse'] for row in read_training_log(ctx.workdir, 'toy')]
+  mse = [row['mse'] for row in ctx.training_log('toy')]
   assert mse[-1] < 0.05 * mse[0], mse
   ema = ctx.load(task)
   for a, b in zip(jax.tree.leaves(result.state.ema_params), jax.tree.leaves(ema), strict=True):
@@ -159,11 +161,14 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path):
     for f in files:
       with open(os.path.join(root, f), 'wb') as fh:
         fh.write(b'garbage')
-  with pytest.raises(ValueError, match='not the final step 4'):
-    ctx.load(_task(4))  # a half-trained model is never handed out as the final one
-  res = ctx.train(_task(4), _arrays())
+  ctx = make_context(cfg, tmp_path)  # a new run: completion is verified once per run
+  assert not ctx.is_trained(_task(4))  # the final checkpoint's files no longer match their record
+  with pytest.raises(UserError, match='changed since it was written'):
+    ctx.load(_task(4))  # neither the damaged final model nor a half-trained one is handed out
+  res = ctx.train(_task(4), _arrays())  # sets the damaged step aside, resumes from step 2
   assert res.steps_run == 2
   assert os.path.isdir(ctx.checkpoint_dir('toy') + '.unreadable')
+  assert ctx.is_trained(_task(4)) and ctx.load(_task(4)) is not None
 
 
 def test_state_roundtrip_through_checkpoint(tmp_path):
@@ -223,3 +228,20 @@ def test_final_ema_params_restored_once_per_checkpoint(tmp_path, monkeypatch):
   updated = ctx.load(_task(4))
   assert len(calls) == 3  # the resume of train(), then the new final checkpoint
   np.testing.assert_array_equal(np.asarray(updated['w']), np.asarray(newer.ema_params['w']))
+
+
+def test_checkpoint_of_another_network_shape_is_an_error_not_corruption(tmp_path):
+  """A readable checkpoint whose parameters have other shapes (the code changed) stops with one line naming
+  the parameter; nothing is moved aside or deleted, and the original network still resumes from it."""
+  ctx = make_context(tiny_config(), tmp_path)
+  ctx.train(_task(4), _arrays())
+  steps = sorted(os.listdir(ctx.checkpoint_dir('toy')))
+
+  def wider(key):
+    return {'w': jax.random.normal(key, (D, 2)) * 0.1, 'b': jnp.zeros((1,))}
+
+  with pytest.raises(CheckpointMismatchError, match=r'parameter w is \(6, 1\) in the checkpoint and \(6, 2\) now'):
+    ctx.train(_task(6, init_params=wider), _arrays())
+  assert sorted(os.listdir(ctx.checkpoint_dir('toy'))) == steps
+  assert not os.path.exists(ctx.checkpoint_dir('toy') + '.unreadable')
+  assert ctx.train(_task(6), _arrays()).steps_run == 2  # the original network resumes at step 4

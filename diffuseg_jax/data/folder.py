@@ -17,7 +17,10 @@ all resized to `data.image_size`; 3D volumes are sliced along `data.slice_axis`.
 Classes: with labels.json, the class indices follow the sorted raw values and value 0 must be present (it
 is the background, index 0); a label value not in labels.json is an error. Without labels.json the classes
 are the sorted union of the values found in the source and test (and val) labels, always including 0 as
-background, named `label_<value>`.
+background, named `label_<value>`; a JPEG label file with more than two values, or any label file with
+more than `volumes.MAX_MASK_VALUES`, is an error (lossy or interpolated, not class values). Masks must use
+the same values in every split (`preflight.check_data` stops a run whose source and test labels share no
+foreground value).
 
 Channels: all splits are brought to `data.channels`, or to the largest channel count found
 (`transforms.harmonise_channels`: gray -> RGB by replication, RGB -> gray by luma).
@@ -114,7 +117,8 @@ def _map_split(split: Split, value_to_index: dict[int, int]) -> Split:
     rows = split.case_ids == case_id
     where = info.extra.get('label_path') or info.name
     labels[rows] = volumes.map_labels(split.labels[rows], value_to_index, where)
-    infos[case_id] = dataclasses.replace(info, extra=dict(info.extra, label_values=raw_values))
+    found = {raw: value_to_index[raw] for raw in info.extra.get('raw_values_found') or {}}
+    infos[case_id] = dataclasses.replace(info, extra=dict(info.extra, label_values=raw_values, raw_values_found=found))
   return dataclasses.replace(split, labels=labels, volumes=infos)
 
 

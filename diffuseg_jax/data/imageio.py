@@ -20,10 +20,18 @@ from diffuseg_jax import atomic
 from diffuseg_jax.errors import DataError, UserError
 
 RASTER_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.gif', '.bmp')
+LOSSY_SUFFIXES = ('.jpg', '.jpeg')  # compression changes pixel values: a 0/255 JPEG mask reads as dozens of values
 
 
 def is_raster(path: str | os.PathLike) -> bool:
   return pathlib.Path(path).suffix.lower() in RASTER_SUFFIXES
+
+
+def lossy_note(path: str | os.PathLike) -> str:
+  """For an error about a mask's values: '' or why a JPEG mask has values nobody drew."""
+  if pathlib.Path(path).suffix.lower() in LOSSY_SUFFIXES:
+    return '; JPEG is lossy and adds values at every edge: save label masks as PNG'
+  return ''
 
 
 def _open(path: pathlib.Path) -> Image.Image:

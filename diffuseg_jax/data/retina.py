@@ -147,7 +147,10 @@ def build_split(cases: list[RetinaCase], data_config, channels: int, case_id_off
   parts, infos = [], {}
   for k, case in enumerate(cases):
     image = imageio.read_image_2d(case.image_path)  # [H, W, c] in [0, 1]
-    label = binary_mask(imageio.read_mask_2d(case.label_path))
+    raw = imageio.read_mask_2d(case.label_path)
+    label = binary_mask(raw)
+    found = volumes.values_found(raw)
+    found = dict(zip(found.tolist(), binary_mask(found).astype(int).tolist(), strict=True)) if found.size else {}
     h, w = image.shape[:2]
     if label.shape != (h, w):
       raise DataError(f'{case.label_path}: mask shape {label.shape} differs from image shape {(h, w)}')
@@ -167,7 +170,7 @@ def build_split(cases: list[RetinaCase], data_config, channels: int, case_id_off
         name=case.name, shape=(h, w, 1), affine=np.eye(4), slice_axis=2, spacing=(1.0, 1.0, 1.0),
         extra=dict(to_original=np.array([[0, 1], [1, 1], [2, 1]], np.float64), original_shape=(h, w),
                    canonical_affine=np.eye(4), path=str(case.image_path), label_path=str(case.label_path),
-                   fov=transforms.resize_labels(fov, size),
+                   fov=transforms.resize_labels(fov, size), raw_values_found=found,
                    fov_path=None if case.fov_path is None else str(case.fov_path)))
   return Split(
       images=np.concatenate([p['images'] for p in parts]),

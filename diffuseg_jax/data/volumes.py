@@ -25,6 +25,9 @@ from diffuseg_jax.data.types import Split, VolumeInfo
 from diffuseg_jax.errors import ConfigError, DataError
 
 EMPTY_SLICE_POLICIES = ('keep', 'drop', 'drop_source')
+# More distinct values than any mask of the supported datasets has (MM-WHS: 8): without a declared label map,
+# a label file with more is a lossy or interpolated image, not a mask.
+MAX_MASK_VALUES = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +64,29 @@ def map_labels(
   unexpected = [int(v) for v in values if int(v) not in value_to_index]
   if unexpected:
     shown = ', '.join(str(v) for v in unexpected[:10]) + (', ...' if len(unexpected) > 10 else '')
-    raise DataError(
-        f'{path}: unexpected label values {shown} (expected one of {sorted(int(k) for k in value_to_index)})'
-    )
+    raise DataError(f'{path}: unexpected label values {shown} (expected one of '
+                    f'{sorted(int(k) for k in value_to_index)}){imageio.lossy_note(path)}')
   lut = np.array([value_to_index[int(v)] for v in values], np.int32)
   return lut[inverse].reshape(raw.shape)
+
+
+def values_found(label: np.ndarray) -> np.ndarray:
+  """The distinct values of a raw label array, sorted (a count for small non-negative ints: no sort of a
+  whole CT volume)."""
+  label = np.asarray(label)
+  if label.size and np.issubdtype(label.dtype, np.integer) and 0 <= label.min() and label.max() < 1 << 16:
+    return np.flatnonzero(np.bincount(label.ravel()))
+  return np.unique(label)
+
+
+def check_mask_values(values: np.ndarray, path: str | os.PathLike) -> None:
+  """DataError for a label file (read without a label map) whose values are not a mask's: more distinct values
+  than a mask plausibly has, or a JPEG with more than two (its compression adds values at every edge)."""
+  lossy = imageio.lossy_note(path)
+  if len(values) > MAX_MASK_VALUES or (lossy and len(values) > 2):
+    shown = ', '.join(str(int(v)) for v in values[:4]) + (f', ..., {int(values[-1])}' if len(values) > 4 else '')
+    why = lossy or f'; a mask holds a few class values (at most {MAX_MASK_VALUES} without labels.json)'
+    raise DataError(f'{path}: {len(values)} distinct label values ({shown}){why}')
 
 
 def raw_label_values(value_to_index: Mapping[int, int] | None) -> tuple[int, ...] | None:
@@ -265,7 +286,8 @@ def build_split(
   VolumeInfo per case: shape = canonical shape, affine = the file's original affine, spacing = canonical
   voxel size; extra = {to_original: orientation [3, 2] canonical -> file axes, original_shape,
   canonical_affine, path, label_path, label_values (`raw_label_values(label_map)`: raw value per class
-  index, to write predictions in the dataset's own label values; None without a label_map)}.
+  index, to write predictions in the dataset's own label values; None without a label_map),
+  raw_values_found ({raw value in the label file: its class index}, None without a label)}.
   """
   policy = empty_slice_policy(data_config.empty_slices, 'other') if empty_slices is None else empty_slices
   if data_config.max_cases is not None:
@@ -279,6 +301,12 @@ def build_split(
   label_values = raw_label_values(label_map)
   for k, case in enumerate(cases):
     image, label, geo = _read_case(case, percentiles)
+    found = None
+    if label is not None:  # raw value -> class index, for the data summary and checks (preflight.py)
+      raw = values_found(label)
+      if label_map is None:
+        check_mask_values(raw, case.label_path)
+      found = {int(v): int(label_map.get(int(v), -1)) if label_map is not None else int(v) for v in raw}
     slice_axis = int(data_config.slice_axis)
     singleton = [a for a in range(3) if image.shape[a] == 1]
     if singleton and image.shape[slice_axis] != 1:
@@ -292,7 +320,7 @@ def build_split(
     out['case_ids'] = np.full(out['slice_index'].shape, case_id, np.int32)
     parts.append(out)
     extra = dict(geo['extra'], label_path=None if case.label_path is None else str(case.label_path),
-                 label_values=label_values)
+                 label_values=label_values, raw_values_found=found)
     volumes[case_id] = VolumeInfo(
         name=case.name, shape=tuple(int(s) for s in geo['shape']), affine=np.asarray(geo['affine']),
         slice_axis=slice_axis, spacing=tuple(geo['spacing']), extra=extra,

@@ -73,11 +73,12 @@ class SamplerSettings:
 
   @classmethod
   def from_config(cls, config: Any) -> SamplerSettings:
-    """From a full run config (sections `sampling` and `diffusion`)."""
+    """From a full run config (sections `sampling` and `diffusion`); the pipeline keeps x_0 only, so
+    save_trajectory (for library use, e.g. figures of a trajectory) stays off."""
     s = config.sampling
     return cls(num_steps=int(s.num_steps), eta=float(s.eta), guidance_scale=float(s.guidance_scale),
                blend_mode=str(s.blend_mode), blend_until=float(s.blend_until), soft_sigma=float(s.soft_sigma),
-               pyramid_levels=int(s.pyramid_levels), save_trajectory=bool(s.save_trajectory),
+               pyramid_levels=int(s.pyramid_levels),
                clip_x0=None if s.get('clip_x0') is None else float(s.clip_x0),
                num_timesteps=int(config.diffusion.num_timesteps))
 

@@ -54,12 +54,8 @@ def skip_note(ctx) -> str:
   return f'already done in {ctx.workdir}: skipped'
 
 
-def is_done(ctx) -> bool:
-  kind = ctx.config.autoencoder.kind
-  if kind == 'identity':
-    return True
-  trained = kind == 'pretrained' or ctx.is_trained(task(ctx.config, ctx.data.spec))
-  return trained and 'autoencoder' in ctx.read_results()
+def units(ctx) -> list[str]:
+  return [] if ctx.config.autoencoder.kind == 'identity' else ['autoencoder']
 
 
 def encode_images(ctx, codec: latent.LatentCodec, images: np.ndarray) -> np.ndarray:
@@ -86,16 +82,17 @@ def load_codec(ctx) -> latent.LatentCodec:
   codec = _unscaled_codec(ctx)
   if ctx.config.autoencoder.kind == 'identity':
     return codec
-  stored = ctx.read_results().get('autoencoder', {}).get('scaling_factor')
+  stored = (ctx.unit_results('autoencoder') or {}).get('scaling_factor') if ctx.is_complete('autoencoder') else None
   if stored is None:
-    raise UserError(f'no latent scaling factor in {ctx.path("metrics.json")}: run stage autoencoder first')
+    raise UserError('the autoencoder of this config is not trained yet (no latent scaling factor): run stage '
+                    'autoencoder first')
   return latent.with_scaling_factor(codec, stored)
 
 
 def run(ctx) -> None:
   cfg = ctx.config.autoencoder
   if cfg.kind == 'kl':
-    ctx.train(task(ctx.config, ctx.data.spec), {'image': ctx.data.target.images})
+    ctx.train(task(ctx.config, ctx.data.spec), {'image': ctx.data.target.images}, complete=False)
   codec = _unscaled_codec(ctx)
   sample = ctx.data.target.images[:1000]
   if cfg.scaling_factor is not None:
@@ -109,5 +106,6 @@ def run(ctx) -> None:
   result = {'kind': cfg.kind, 'scaling_factor': scale,
             'psnr_target_test': float(np.mean(psnr(recon, ctx.data.test.images[:1000]))),
             'downsample': codec.downsample, 'latent_channels': codec.latent_channels}
-  ctx.update_results('autoencoder', result)
+  ctx.save_unit_results('autoencoder', result)
+  ctx.complete('autoencoder', int(cfg.steps) if cfg.kind == 'kl' else None)
   logs.say(f'[autoencoder] {result}')

@@ -21,7 +21,7 @@ from diffuseg_jax.models.cond_unet import build_cond_unet
 from diffuseg_jax.sampling import schedules
 from diffuseg_jax.stages import autoencoder, student
 from diffuseg_jax.train.state import make_optimizer
-from diffuseg_jax.train.task import Task, final_step_reached, linen_init, named_rng
+from diffuseg_jax.train.task import Task, linen_init, named_rng
 
 
 def schedule(config) -> schedules.Schedule:
@@ -85,9 +85,8 @@ def domain_codes(ctx, images: np.ndarray, student_model=None) -> np.ndarray:
                                  ctx.config.eval.batch_size, ctx.mesh, args=(params,))
 
 
-def is_done(ctx) -> bool:
-  # Without building the task: that would restore the autoencoder (or read a pretrained UNet) just to look.
-  return final_step_reached(ctx.checkpoint_dir('diffusion'), int(ctx.config.diffusion.steps))
+def units(ctx) -> list[str]:
+  return ['diffusion']
 
 
 def load(ctx):

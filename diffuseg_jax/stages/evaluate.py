@@ -11,14 +11,19 @@ metrics.json["evaluate"] (a stable shape for scripts):
                   mbs_synthetic_vs_reference, not_computed: {key: reason}}
      a statistic that needs more images than there are (image_quality.MIN_IMAGES_PER_SET per set for FD and
      KID; a few-shot target) is None, its reason in not_computed.
+     Every per-seed summary and image_quality carry the fingerprint of the unit that produced them.
+Units (run_identity.py): `evaluate/<strategy>_seed<k>` per segmentation run (its summary and test predictions,
+predictions.npz) and `quality` (image quality), so adding a strategy or a seed evaluates only what is new.
 Medical volumes: the first seed's test predictions of each strategy are also written on the original voxel
-grids, `predictions/<strategy>/<case>.nii.gz` (data/export.py). Then the report (report.md,
-figures) is written.
+grids, `predictions/<strategy>/<case>.nii.gz` (data/export.py; linked from the workdir by results.py).
+With `sampling.mask_set=test` the synthetic pairs are drawn from the test labels, so the strategies trained
+on them are marked oracle as well.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -27,16 +32,45 @@ from diffuseg_jax.data import export
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.metrics import features, image_quality
 from diffuseg_jax.metrics.segmentation import evaluate_cases, summarise
+from diffuseg_jax.run_identity import SYNTHETIC_STRATEGIES, run_name
 from diffuseg_jax.stages import segment, student
 from diffuseg_jax.synthetic_io import load_synthetic
 
 SCORES = ('dice', 'iou', 'hd', 'hd95')
 
 
-def is_done(ctx) -> bool:
-  import os
+def run_units(ctx) -> dict[tuple[str, int], str]:
+  return {(s, k): f'evaluate/{run_name(s, k)}' for s, k in segment.runs(ctx)}
 
-  return 'evaluate' in ctx.read_results() and os.path.exists(ctx.path('report.md'))
+
+def wants_quality(ctx) -> bool:
+  """Image quality is scored when this run synthesises or trains on the synthetic pairs."""
+  return 'synthesize' in ctx.stages or any(s in SYNTHETIC_STRATEGIES for s, _ in segment.runs(ctx))
+
+
+def units(ctx) -> list[str]:
+  return list(run_units(ctx).values()) + (['quality'] if wants_quality(ctx) else [])
+
+
+def is_oracle(ctx, strategy: str) -> bool:
+  """Trained on real target labels: the oracle strategies, and the synthetic ones when the masks are the
+  test labels (`sampling.mask_set=test`)."""
+  return strategy in segment.ORACLE or (strategy in SYNTHETIC_STRATEGIES and ctx.config.sampling.mask_set == 'test')
+
+
+def prediction_units(ctx) -> dict[str, str]:
+  """{strategy: the evaluation unit whose predictions are exported (its first seed)}; medical volumes only."""
+  if not export.has_volumes(ctx.data):
+    return {}
+  out: dict[str, str] = {}
+  for (strategy, _), unit in run_units(ctx).items():
+    out.setdefault(strategy, unit)
+  return out
+
+
+def load_predictions(ctx, unit: str) -> np.ndarray:
+  with np.load(os.path.join(ctx.unit_dir(unit), 'predictions.npz')) as f:
+    return f['pred']
 
 
 def predict(ctx, model, params, images: np.ndarray) -> np.ndarray:
@@ -66,27 +100,43 @@ def _mean_or_none(values):
   return float(np.mean(vals)) if vals else None
 
 
-def segmentation_results(ctx) -> tuple[dict, dict]:
+def evaluate_run(ctx, strategy: str, seed: int, unit: str, export_volumes: bool) -> None:
+  """Scores one segmentation run on the test split into its unit (summary, predictions.npz[, NIfTI])."""
   data = ctx.data
-  test = data.test
-  volume_mode = is_volumetric(ctx)
+  model, params = segment.load(ctx, strategy, seed)
+  pred = predict(ctx, model, params, data.test.images)
+  summary = score_predictions(pred, data.test, data.class_names, is_volumetric(ctx), ctx.config.eval.hd_percentile)
+  summary['seed'] = seed
+  path = ctx.unit_dir(unit)
+  if ctx.is_main_process:
+    np.savez_compressed(os.path.join(path, 'predictions.npz'), pred=pred.astype(np.int16))
+    if export_volumes:
+      export.write_volume_predictions(data, pred, os.path.join(path, 'predictions'))
+  ctx.save_unit_results(unit, summary)
+  ctx.complete(unit)
+
+
+def collect(ctx) -> dict | None:
+  """metrics.json["evaluate"] from this run's evaluation units; None until every one is complete."""
   grouped: dict[str, list] = {}
-  predictions: dict[str, np.ndarray] = {}
-  for strategy, seed in segment.runs(ctx):
-    model, params = segment.load(ctx, strategy, seed)
-    pred = predict(ctx, model, params, test.images)
-    if strategy not in predictions:  # the first seed's predictions: figures and predictions/<strategy>/
-      predictions[strategy] = pred
-      if ctx.is_main_process:
-        export.write_volume_predictions(data, pred, ctx.path('predictions', strategy))
-    summary = score_predictions(pred, test, data.class_names, volume_mode, ctx.config.eval.hd_percentile)
-    summary['seed'] = seed
-    grouped.setdefault(strategy, []).append(summary)
-  results = {}
-  for strategy, per_seed in grouped.items():
-    results[strategy] = {**aggregate_seeds(per_seed), 'oracle': strategy in segment.ORACLE,
-                         'seeds': [r['seed'] for r in per_seed], 'per_seed': per_seed}
-  return results, predictions
+  for (strategy, _), unit in run_units(ctx).items():
+    summary = ctx.unit_results(unit) if ctx.is_complete(unit) else None
+    if summary is None:
+      return None
+    grouped.setdefault(strategy, []).append({**summary, 'fingerprint': ctx.fingerprint(unit)})
+  if not grouped:
+    return None
+  strategies = {
+      strategy: {**aggregate_seeds(per_seed), 'oracle': is_oracle(ctx, strategy),
+                 'seeds': [r['seed'] for r in per_seed], 'per_seed': per_seed}
+      for strategy, per_seed in grouped.items()}
+  quality = None
+  if wants_quality(ctx) and ctx.is_complete('quality'):
+    quality = {**ctx.unit_results('quality'), 'fingerprint': ctx.fingerprint('quality')}
+  return {'strategies': strategies, 'image_quality': quality,
+          'distance_unit': 'mm' if ctx.data.spacing_unit == 'mm' else 'px',
+          'num_test_cases': int(len(np.unique(ctx.data.test.case_ids))),
+          'mask_set': ctx.config.sampling.mask_set}
 
 
 def score_predictions(pred: np.ndarray, test, class_names, volume_mode: bool, hd_percentile: float) -> dict:
@@ -175,21 +225,16 @@ def image_quality_results(ctx) -> dict:
 
 
 def run(ctx) -> None:
-  strategies, predictions = segmentation_results(ctx)
-  quality = image_quality_results(ctx) if 'diffuseg' in strategies or _has_synthetic(ctx) else None
-  result = {'strategies': strategies, 'image_quality': quality,
-            'distance_unit': 'mm' if ctx.data.spacing_unit == 'mm' else 'px',
-            'num_test_cases': int(len(np.unique(ctx.data.test.case_ids)))}
-  ctx.update_results('evaluate', result)
-  if ctx.is_main_process:
-    report.write_report(ctx, predictions)
-  for name, r in strategies.items():
+  exported = set(prediction_units(ctx).values())
+  for (strategy, seed), unit in run_units(ctx).items():
+    if not ctx.is_complete(unit):
+      evaluate_run(ctx, strategy, seed, unit, unit in exported)
+  if 'quality' in units(ctx) and not ctx.is_complete('quality'):
+    ctx.save_unit_results('quality', image_quality_results(ctx))
+    ctx.complete('quality')
+  if not ctx.is_main_process:
+    return  # process 0 wrote the results; it reports them
+  for name, r in collect(ctx)['strategies'].items():
     logs.say(f'[evaluate] {name:9s} Dice {report.fmt(r["dice_mean"], 4)} ± {report.fmt(r["dice_std"], 4)}  '
              f'IoU {report.fmt(r["iou_mean"], 4)}  HD95 {report.fmt(r["hd95_mean"], 2)}'
-             + ('  (oracle)' if r['oracle'] else ''))
-
-
-def _has_synthetic(ctx) -> bool:
-  import os
-
-  return os.path.exists(ctx.path('synthetic', 'manifest.jsonl'))
+             + ('  (ORACLE)' if r['oracle'] else ''))

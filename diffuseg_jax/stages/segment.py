@@ -5,7 +5,7 @@
   semi      target images + real labels, plus the synthetic pairs (semi-self-learning; also oracle data)
   diffuseg  synthetic (image, given label) pairs only: the method
 
-Checkpoints: checkpoints/segment/<strategy>_seed<k>/. Batches: {'image': [B,H,W,C], 'label': [B,H,W]}.
+Units: segment/<strategy>_seed<k> (run_identity.py). Batches: {'image': [B,H,W,C], 'label': [B,H,W]}.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from diffuseg_jax.data import DataSpec
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.seg_unet import build_seg_unet
 from diffuseg_jax.options import parse_names
+from diffuseg_jax.run_identity import run_name
 from diffuseg_jax.synthetic_io import load_synthetic
 from diffuseg_jax.train.state import make_optimizer
 from diffuseg_jax.train.task import Task, linen_init, named_rng
@@ -48,13 +49,13 @@ def task(config, spec: DataSpec, strategy: str, seed: int) -> Task:
       name=f'segment_{strategy}_seed{seed}', model=model,
       init_params=linen_init(model, jax.ShapeDtypeStruct((1, *spec.image_shape), 'float32')),
       loss_fn=functools.partial(loss_fn, model), optimizer=make_optimizer(cfg.learning_rate, cfg.steps, config.train),
-      num_steps=int(cfg.steps), batch_size=int(cfg.batch_size), checkpoint=f'segment/{strategy}_seed{seed}',
+      num_steps=int(cfg.steps), batch_size=int(cfg.batch_size), checkpoint=f'segment/{run_name(strategy, seed)}',
       rng=jax.random.fold_in(named_rng(config.seed, 'segment'), seed), ema_decay=float(config.train.ema_decay),
       learning_rate_field='segmentation.learning_rate')
 
 
-def is_done(ctx) -> bool:
-  return all(ctx.is_trained(task(ctx.config, ctx.data.spec, s, k)) for s, k in runs(ctx))
+def units(ctx) -> list[str]:
+  return [f'segment/{run_name(s, k)}' for s, k in runs(ctx)]
 
 
 def training_arrays(ctx, strategy: str) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ head gives target pseudo-labels. The stage then writes the pair's diagnostics
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 
@@ -38,16 +39,18 @@ def load(ctx):
   return t.model, ctx.load(t)
 
 
-def is_done(ctx) -> bool:
-  return ctx.is_trained(task(ctx.config, ctx.data.spec)) and 'ffd_vae' in ctx.read_results()
+def units(ctx) -> list[str]:
+  return ['student']  # the trained student and its diagnostics
 
 
 def run(ctx) -> None:
   data = ctx.data
   teacher_params = ctx.load(teacher.task(ctx.config, data.spec))
   student = task(ctx.config, data.spec)
-  ctx.train(student, {'image': data.target.images}, frozen=teacher_params, augment=ctx.config.vae.augment_target)
+  ctx.train(student, {'image': data.target.images}, frozen=teacher_params, augment=ctx.config.vae.augment_target,
+            complete=False)
   write_diagnostics(ctx, student.model, teacher_params, ctx.load(student))
+  ctx.complete('student', student.num_steps)
 
 
 def write_diagnostics(ctx, model, teacher_params, student_params) -> dict:
@@ -62,20 +65,20 @@ def write_diagnostics(ctx, model, teacher_params, student_params) -> dict:
   s_test, t_test = apply(test.images, teacher_params), apply(test.images, student_params)
   result = diagnostics(test, data.class_names, s_test, t_test, apply(source, teacher_params),
                        apply(source, student_params), cfg.seed)
-  ctx.update_results('ffd_vae', result)
+  ctx.save_unit_results('student', result)
   if ctx.is_main_process:
     k = min(cfg.eval.num_figure_examples, len(test))
     figures.image_rows(
         [test.images[:k], s_test['recon'][:k], t_test['recon'][:k]],
         ['target image', 'S (teacher)\nreconstruction', 'T (student)\nreconstruction'],
-        ctx.path('figures', 'ffd_vae_reconstructions.png'),
+        os.path.join(ctx.unit_dir('student'), 'figures', 'ffd_vae_reconstructions.png'),
         title=f'PSNR on target test: S {result["teacher_psnr_target"]:.1f} dB, '
               f'T {result["student_psnr_target"]:.1f} dB',
     )
     figures.image_rows(
         [test.images[:k], test.images[:k], test.images[:k]],
         ['ground truth', 'S (teacher)', 'T (student)'],
-        ctx.path('figures', 'ffd_vae_segmentations.png'),
+        os.path.join(ctx.unit_dir('student'), 'figures', 'ffd_vae_segmentations.png'),
         labels=[test.labels[:k], s_test['seg'][:k], t_test['seg'][:k]], num_classes=data.num_classes,
         title=f'target test Dice: S {report.fmt(result["teacher_dice_target"])}, '
               f'T {report.fmt(result["student_dice_target"])}',

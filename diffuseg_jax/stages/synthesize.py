@@ -108,9 +108,8 @@ def num_shards(ctx) -> int:
   return -(-len(mask_indices(ctx)) // ctx.config.sampling.shard_size)
 
 
-def is_done(ctx) -> bool:
-  return os.path.exists(os.path.join(synthetic_io.synthetic_dir(ctx), 'manifest.jsonl')) and \
-      'synthesize' in ctx.read_results()
+def units(ctx) -> list[str]:
+  return ['synthesize']
 
 
 def reference_indices(num_masks: int, num_targets: int, seed: int) -> np.ndarray:
@@ -258,16 +257,18 @@ def run(ctx) -> None:
       'region_max_abs_error_latent': max_err if done_images else None,
   }
   if nnunet_dir is not None:
-    result['nnunet_dataset'] = os.path.relpath(nnunet_dir, ctx.workdir)
+    result['nnunet_dataset'] = os.path.join('synthetic', os.path.relpath(nnunet_dir, root))
   if appearance is not None:
     result['class_appearance_mean'] = appearance['mean'].tolist()
     result['class_appearance_std'] = appearance['std'].tolist()
-  ctx.update_results('synthesize', result)
+  ctx.save_unit_results('synthesize', result)
   synth = synthetic_io.load_synthetic(ctx)
   n = min(ctx.config.eval.num_figure_examples, count)
   figures.synthesis_figure(synth['label'][:n], synth['image'][:n], data.target.images[synth['reference_index'][:n]],
-                           ctx.path('figures', 'synthesis_examples.png'), data.num_classes,
+                           os.path.join(ctx.unit_dir('synthesize'), 'figures', 'synthesis_examples.png'),
+                           data.num_classes,
                            title='blended DDIM: given mask | synthetic with mask contour | target reference')
+  ctx.complete('synthesize')
   logs.say(f'[synthesize] {count} images in {root}')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('synthesize: manifest merged')

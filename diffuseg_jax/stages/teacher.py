@@ -45,8 +45,8 @@ def task(config, spec: DataSpec) -> Task:
   return ffd_vae_task(config, spec, 'teacher', loss_fn, config.vae.teacher_steps)
 
 
-def is_done(ctx) -> bool:
-  return ctx.is_trained(task(ctx.config, ctx.data.spec))
+def units(ctx) -> list[str]:
+  return ['teacher']
 
 
 def run(ctx) -> None:

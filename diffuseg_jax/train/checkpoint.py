@@ -1,7 +1,10 @@
-"""Orbax checkpoints of one stage: train state + data-iterator state + config, always resumed from latest.
+"""Orbax checkpoints of one training unit: train state + data-iterator state + config, resumed from latest.
 
-Layout: <workdir>/checkpoints/<stage>/<step>/{state,data,config}. A checkpoint that fails to restore
-(truncated, corrupted) is reported by name and the previous one is used instead.
+Layout: <unit folder>/checkpoints/<step>/{state,data,config} (units.py). Two failures are told apart:
+  - a checkpoint whose network does not fit the current code (readable, other parameter shapes):
+    `CheckpointMismatchError`, one line naming the first parameter that differs; nothing is moved;
+  - a checkpoint that fails to restore (truncated, corrupted): reported by name, moved to
+    `checkpoints.unreadable/`, and the previous one is used instead.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from diffuseg_jax import logs
+from diffuseg_jax.errors import UserError
 
 # Orbax splits every replicated array into one slice per replica so that replicas write in parallel. For the
 # small arrays of these networks that costs one eager slice per array and device (about 25,000 dispatches per
@@ -38,6 +42,36 @@ def _register_array_handler() -> None:
 
 
 _register_array_handler()
+
+
+class CheckpointMismatchError(UserError):
+  """A readable checkpoint of another network shape than the current code builds."""
+
+
+def _key_name(key) -> str:
+  for attr in ('name', 'key', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'path/to/param': shape} of the arrays of a (params) pytree or of its checkpoint metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
+          if hasattr(leaf, 'shape')}
+
+
+def shape_difference(saved: dict[str, tuple], current: dict[str, tuple]) -> str | None:
+  """What differs between two {path: shape} maps, in one phrase, or None."""
+  for path in sorted(set(saved) | set(current)):
+    if path not in current:
+      return f'parameter {path} {saved[path]} is not in the current network'
+    if path not in saved:
+      return f'parameter {path} {current[path]} of the current network is not in the checkpoint'
+    if saved[path] != current[path]:
+      return f'parameter {path} is {saved[path]} in the checkpoint and {current[path]} now'
+  return None
 
 
 class StageCheckpointer:
@@ -73,6 +107,7 @@ class StageCheckpointer:
     """(state, data_state, step) of the newest restorable checkpoint (<= step if given), or None."""
     steps = [s for s in self.all_steps() if step is None or s <= step]
     for s in reversed(steps):
+      self._check_fits(s, abstract_state)
       try:
         restored = self._manager.restore(
             s,
@@ -89,6 +124,23 @@ class StageCheckpointer:
         if jax.process_index() == 0:
           self._quarantine(s)
     return None
+
+  def _check_fits(self, step: int, abstract_state: Any) -> None:
+    """Raises CheckpointMismatchError when step's saved parameters have other shapes than `abstract_state`'s
+    (a readable checkpoint of another network: never moved, never taken for corruption)."""
+    params = getattr(abstract_state, 'params', None)
+    if params is None:
+      return
+    try:
+      meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), 'state'))
+      meta = getattr(meta, 'item_metadata', meta)
+      saved = getattr(meta, 'tree', meta)['params']
+    except Exception:  # noqa: BLE001 - no readable metadata: the restore below decides (unreadable)
+      return
+    if difference := shape_difference(param_shapes(saved), param_shapes(params)):
+      raise CheckpointMismatchError(
+          f'checkpoint {self.directory}/{step} does not fit the current network: {difference}; nothing was '
+          'moved or deleted. Restore the code or config that wrote it, or use another workdir')
 
   def _quarantine(self, step: int) -> None:
     """Move an unreadable step out of the manager's folder (kept for inspection, never overwritten)."""

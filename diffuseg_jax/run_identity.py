@@ -1,0 +1,179 @@
+"""Run identity: which config fields and upstream results each unit of work depends on, and the fingerprint
+that names its outputs (content-addressed, like a build cache).
+
+Units, with what they consume:
+
+  teacher                              data, seed, train, vae (the teacher's fields)
+  student                              teacher, vae
+  autoencoder                          data, seed, train, autoencoder
+  diffusion                            student, autoencoder, diffusion
+  synthesize                           student, autoencoder, diffusion, sampling
+  segment/<strategy>_seed<k>           data, seed, train, segmentation (+ synthesize for diffuseg and semi)
+  evaluate/<strategy>_seed<k>          segment/<strategy>_seed<k>, eval.hd_percentile
+  quality                              synthesize, eval.num_quality_images, eval.inception_path
+
+fingerprint(unit) = sha256 of {its fields' values, its upstream units' fingerprints, FORMAT}, 12 hex digits.
+A unit's outputs live in `<workdir>/units/<unit>/<fingerprint>/`: so a changed field gives the unit (and,
+through the upstream fingerprints, everything downstream of it) a new folder, an unchanged one keeps its
+folder and is reused, and switching a config back finds the earlier folder again. Fields that cannot
+change a result (progress bars, log and checkpoint intervals, the device mesh, inference batch sizes) are in
+no fingerprint, so a resumed job on other hardware or with other batch sizes for inference reuses its work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import ml_collections
+
+# Bump when the meaning of a unit's outputs changes, so that no earlier output is reused for it.
+FORMAT = 1
+
+# Config fields that never change a result: left out of every fingerprint.
+NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 'sampling.batch_size',
+         'eval.batch_size', 'eval.num_figure_examples')
+COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
+# Fields of `vae` that only the student reads: a change to them keeps the teacher.
+STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.alpha', 'vae.lam', 'vae.dist',
+                'vae.latent_temperature')
+SYNTHETIC_STRATEGIES = ('diffuseg', 'semi')  # segmentation strategies trained on the synthetic pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSpec:
+  """What one unit depends on: `fields` (dotted config paths; a leading '-' removes one), `extra` values
+  (a segmentation run's strategy and seed) and `upstream` units."""
+
+  fields: tuple[str, ...]
+  upstream: tuple[str, ...] = ()
+  extra: tuple[tuple[str, Any], ...] = ()
+
+
+EXTRA_UNITS: dict[str, UnitSpec] = {}  # units declared outside the pipeline (`register`)
+
+
+def register(unit: str, unit_spec: UnitSpec) -> None:
+  """Declares a unit of work beyond the pipeline's (an experiment's own network, a test's toy task)."""
+  EXTRA_UNITS[unit] = unit_spec
+
+
+def spec(unit: str) -> UnitSpec:
+  """The dependencies of `unit` (see the module docstring)."""
+  if unit in EXTRA_UNITS:
+    return EXTRA_UNITS[unit]
+  kind, _, run = unit.partition('/')
+  if kind == 'teacher':
+    return UnitSpec(COMMON + ('vae',) + tuple(f'-{f}' for f in STUDENT_ONLY))
+  if kind == 'student':
+    return UnitSpec(COMMON + ('vae', '-vae.teacher_steps'), upstream=('teacher',))
+  if kind == 'autoencoder':
+    return UnitSpec(COMMON + ('autoencoder',))
+  if kind == 'diffusion':
+    return UnitSpec(COMMON + ('diffusion',), upstream=('student', 'autoencoder'))
+  if kind == 'synthesize':
+    return UnitSpec(COMMON + ('sampling',), upstream=('student', 'autoencoder', 'diffusion'))
+  if kind == 'segment':
+    strategy, seed = parse_run(run)
+    upstream = ('synthesize',) if strategy in SYNTHETIC_STRATEGIES else ()
+    return UnitSpec(COMMON + ('segmentation', '-segmentation.strategies', '-segmentation.seeds'),
+                    upstream=upstream, extra=(('strategy', strategy), ('seed', seed)))
+  if kind == 'evaluate':
+    parse_run(run)
+    return UnitSpec(('seed', 'data', 'eval.hd_percentile'), upstream=(f'segment/{run}',))
+  if kind == 'quality':
+    return UnitSpec(('seed', 'data', 'eval.num_quality_images', 'eval.inception_path'), upstream=('synthesize',))
+  raise ValueError(f'unknown unit {unit!r}: declare it with run_identity.register')
+
+
+def run_name(strategy: str, seed: int) -> str:
+  return f'{strategy}_seed{int(seed)}'
+
+
+def parse_run(run: str) -> tuple[str, int]:
+  """'diffuseg_seed2' -> ('diffuseg', 2)."""
+  strategy, sep, seed = run.rpartition('_seed')
+  if not sep or not strategy or not seed.isdigit():
+    raise ValueError(f'not a <strategy>_seed<k> run name: {run!r}')
+  return strategy, int(seed)
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.' if isinstance(value, dict) else f'{prefix}{key}'))
+      if isinstance(value, dict) and not value:
+        out[f'{prefix}{key}'] = {}
+    return out
+  return {prefix.rstrip('.'): tree}
+
+
+def _covered(path: str, selector: str) -> bool:
+  return path == selector or path.startswith(selector + '.')
+
+
+def config_values(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every config field as {dotted path: JSON value} (tuples as lists)."""
+  return _flatten(json.loads(config.to_json_best_effort()))
+
+
+def unit_fields(values: dict[str, Any], unit_spec: UnitSpec) -> dict[str, Any]:
+  """The values of the fields `unit_spec` selects (minus NEVER and its '-' exclusions), by dotted path."""
+  include = [f for f in unit_spec.fields if not f.startswith('-')]
+  exclude = [f[1:] for f in unit_spec.fields if f.startswith('-')] + list(NEVER)
+  out = {p: v for p, v in values.items()
+         if any(_covered(p, s) for s in include) and not any(_covered(p, s) for s in exclude)}
+  out.update({f'run.{k}': v for k, v in unit_spec.extra})
+  return dict(sorted(out.items()))
+
+
+def _digest(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+  """A unit's fingerprint and what it was computed from (stored as identity.json next to its outputs)."""
+
+  unit: str
+  fingerprint: str
+  fields: dict[str, Any]
+  upstream: dict[str, str]  # upstream unit -> its fingerprint
+
+  def to_json(self) -> dict[str, Any]:
+    return {'unit': self.unit, 'fingerprint': self.fingerprint, 'format': FORMAT, 'fields': self.fields,
+            'upstream': self.upstream}
+
+
+class Identities:
+  """The identities of one config's units (memoised: upstream fingerprints are shared)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self._values = config_values(config)
+    self._memo: dict[str, Identity] = {}
+
+  def __call__(self, unit: str) -> Identity:
+    if unit not in self._memo:
+      unit_spec = spec(unit)
+      fields = unit_fields(self._values, unit_spec)
+      upstream = {u: self(u).fingerprint for u in unit_spec.upstream}
+      fingerprint = _digest({'unit': unit, 'format': FORMAT, 'fields': fields, 'upstream': upstream})
+      self._memo[unit] = Identity(unit, fingerprint, fields, upstream)
+    return self._memo[unit]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """'field: old -> new' for every field whose value differs (added / removed fields included)."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    if old.get(key, '<unset>') != new.get(key, '<unset>'):
+      out.append(f'{key}: {_short(old.get(key, "<unset>"))} -> {_short(new.get(key, "<unset>"))}')
+  return out
+
+
+def _short(value: Any) -> str:
+  text = json.dumps(value) if not isinstance(value, str) else value
+  return text if len(text) <= 40 else text[:37] + '...'

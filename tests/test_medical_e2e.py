@@ -2,7 +2,7 @@
 
 Every dataset is built on disk in its release layout (tests/medical_fixtures.py, tests/fixtures.py) and run
 with the tiny test config (2 steps per stage, strategies transfer + diffuseg), except DRIVE -> IOSTAR: its
-released sizes, run with configs/iostar.py (`build_retina`). The checks are the outputs a user relies on:
+released sizes, run with configs/iostar.py (`build_retina`; its tests run in tests/test_retina_e2e.py). The checks are the outputs a user relies on:
 scores in metrics.json, predictions on the ORIGINAL voxel grid with the ORIGINAL affine and the dataset's
 own label values, synthetic NIfTI pairs with their spacing, and the nnU-Net export.
 
@@ -27,7 +27,7 @@ from helpers import tiny_config
 from jax.experimental.compilation_cache import compilation_cache
 
 from diffuseg_jax import pipeline
-from diffuseg_jax.config_files import load_config, load_config_module
+from diffuseg_jax.config_files import load_config
 from diffuseg_jax.context import Context
 from diffuseg_jax.data import export, nifti, volumes
 from diffuseg_jax.data.types import Split, VolumeInfo
@@ -162,16 +162,22 @@ RAW_VALUES = {
 }
 
 
-@pytest.fixture(scope='module', params=list(BUILDERS))
-def finished(request, tmp_path_factory, shared_compile_cache):
+def run_dataset(name: str, tmp_path_factory):
   """(dataset, Context of the finished run, {test case name: original image file})."""
-  del shared_compile_cache
-  root = tmp_path_factory.mktemp(request.param)
-  config, images = BUILDERS[request.param](root)
-  if request.param not in FULL:
+  root = tmp_path_factory.mktemp(name)
+  config, images = BUILDERS[name](root)
+  if name not in FULL:
     config.stages = 'teacher'
   ctx = pipeline.run(config, str(root / 'workdir'), show_progress=False)
-  return request.param, ctx, images
+  return name, ctx, images
+
+
+# DRIVE -> IOSTAR at released sizes runs these tests in its own module (tests/test_retina_e2e.py), so that
+# the parallel test workers share the two longest modules.
+@pytest.fixture(scope='module', params=[name for name in BUILDERS if name != 'retina'])
+def finished(request, tmp_path_factory, shared_compile_cache):
+  del shared_compile_cache
+  return run_dataset(request.param, tmp_path_factory)
 
 
 def full_run(finished):
@@ -285,32 +291,6 @@ def test_synthetic_pairs_and_nnunet_export(finished):
   label = nib.load(str(folders[0] / 'labelsTr' / f'{first}.nii.gz'))
   np.testing.assert_array_equal(np.asarray(label.dataobj)[..., 0], synth['label'][0])
   np.testing.assert_allclose(label.header.get_zooms()[:2], spacing[0], rtol=1e-5)
-
-
-def test_retina_at_released_sizes(finished):
-  """DRIVE -> IOSTAR (build_retina): every split at its released size, every batch the config's own, and
-  every stage through `evaluate`, although the diffuseg network's training set is smaller than its batch."""
-  name, ctx, _ = finished
-  if name != 'retina':
-    pytest.skip('the released-size case is retina only')
-  data, config, own = ctx.data, ctx.config, load_config('iostar')
-  released = load_config_module('iostar').RELEASED_SPLITS  # 40 DRIVE; IOSTAR 21 / 3 / 6
-  assert {k: len(getattr(data, k)) for k in ('source', 'target', 'val', 'test')} == released
-  assert {info.extra['original_shape'] for info in data.source.volumes.values()} == {mf.DRIVE_HW}
-  assert {info.extra['original_shape'] for info in data.test.volumes.values()} == {mf.IOSTAR_HW}
-  assert data.source.images.shape == (40, 256, 256, 3) and data.test.labels.shape == (6, 256, 256)
-  for section in ('vae', 'autoencoder', 'diffusion', 'sampling', 'segmentation', 'eval'):
-    assert config[section].batch_size == own[section].batch_size
-  assert config.data.image_size == own.data.image_size
-  num_pairs = len(load_synthetic(ctx)['image'])
-  assert num_pairs == 8 < config.segmentation.batch_size
-  assert ctx.training_log('segment/diffuseg_seed0')[-1]['step'] == config.segmentation.steps
-  strategies = ctx.read_results()['evaluate']['strategies']
-  assert set(strategies) == set(STRATEGIES) and all(np.isfinite(r['dice_mean']) for r in strategies.values())
-  # Latent diffusion through the KL autoencoder this run trained (factor 4: 64 x 64 x 4 latents).
-  autoencoder = ctx.read_results()['autoencoder']
-  assert autoencoder['kind'] == 'kl' and autoencoder['downsample'] == 4 and autoencoder['scaling_factor'] > 0
-  assert load_synthetic(ctx)['image'].shape[1:] == (256, 256, 3)
 
 
 def _fov_split(fov: np.ndarray, labels: np.ndarray) -> Split:

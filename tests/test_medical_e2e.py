@@ -2,9 +2,10 @@
 
 Every dataset is built on disk in its release layout (tests/medical_fixtures.py, tests/fixtures.py) and run
 with the tiny test config (2 steps per stage, strategies transfer + diffuseg), except DRIVE -> IOSTAR: its
-released sizes, run with configs/iostar.py (`build_retina`; its tests run in tests/test_retina_e2e.py). The checks are the outputs a user relies on:
-scores in metrics.json, predictions on the ORIGINAL voxel grid with the ORIGINAL affine and the dataset's
-own label values, synthetic NIfTI pairs with their spacing, and the nnU-Net export.
+released sizes, run with configs/iostar.py (`build_retina`; its tests run in tests/test_retina_e2e.py). The
+checks are the outputs a user relies on: scores in metrics.json, predictions on the ORIGINAL voxel grid with
+the ORIGINAL affine and the dataset's own label values, synthetic NIfTI pairs with their spacing, and the
+nnU-Net export.
 
 Compile time dominates on CPU, so the module shares one persistent XLA cache across its runs: datasets with
 the same shapes (MSCMRseg, ACDC -> MSCMRseg) then reuse each other's programs.

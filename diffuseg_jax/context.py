@@ -150,7 +150,8 @@ class Context:
   def load(self, task: task_lib.Task) -> Any:
     """EMA params of a finished task (restored once per run and checkpoint); a final checkpoint that changed
     since it was written is never used."""
-    state_of_unit = units.completion(units.unit_dir(self.workdir, task.checkpoint, self.fingerprint(task.checkpoint)))
+    path = units.unit_dir(self.workdir, task.checkpoint, self.fingerprint(task.checkpoint))
+    state_of_unit = units.Completion(True) if path in self.verified else units.completion(path)
     if state_of_unit.damaged:
       raise UserError(f'{task.name}: {state_of_unit.damaged}; rerun the same command to train it again')
     return task_lib.load_final(task, self.mesh, self.checkpoint_dir(task.checkpoint), self.restored)

@@ -88,16 +88,6 @@ def per_class_table(strategies: dict) -> list[str]:
   return lines
 
 
-def first_seed_units(ctx) -> dict[str, str]:
-  """{strategy: its first seed's evaluation unit}."""
-  from diffuseg_jax.stages import evaluate
-
-  out: dict[str, str] = {}
-  for (strategy, _), unit in evaluate.run_units(ctx).items():
-    out.setdefault(strategy, unit)
-  return out
-
-
 def results_training_units(ctx) -> list[str]:
   """This run's training units (those with checkpoints), in pipeline order."""
   from diffuseg_jax import results
@@ -113,7 +103,7 @@ def write_report(ctx, metrics: dict) -> str:
   from diffuseg_jax.stages import evaluate
 
   ev = metrics.get('evaluate', {})
-  predictions = {s: evaluate.load_predictions(ctx, u) for s, u in first_seed_units(ctx).items()}
+  predictions = {s: evaluate.load_predictions(ctx, u) for s, u in evaluate.first_seed_units(ctx).items()}
   data, cfg = ctx.data, ctx.config
   fig_dir = ctx.path('figures')
   k = min(cfg.eval.num_figure_examples, len(data.test))

@@ -12,6 +12,7 @@ Nothing here deletes a unit folder except `remove` (the `diffuseg_jax.workdir re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -154,10 +155,8 @@ def folder_size(path: str) -> int:
   total = 0
   for root, _, files in os.walk(path):
     for name in files:
-      try:
+      with contextlib.suppress(OSError):  # a temporary file that a running job has just renamed
         total += os.path.getsize(os.path.join(root, name))
-      except OSError:
-        pass
   return total
 
 

@@ -58,14 +58,17 @@ def is_oracle(ctx, strategy: str) -> bool:
   return strategy in segment.ORACLE or (strategy in SYNTHETIC_STRATEGIES and ctx.config.sampling.mask_set == 'test')
 
 
-def prediction_units(ctx) -> dict[str, str]:
-  """{strategy: the evaluation unit whose predictions are exported (its first seed)}; medical volumes only."""
-  if not export.has_volumes(ctx.data):
-    return {}
+def first_seed_units(ctx) -> dict[str, str]:
+  """{strategy: its first seed's evaluation unit} (the predictions in figures and exports)."""
   out: dict[str, str] = {}
   for (strategy, _), unit in run_units(ctx).items():
     out.setdefault(strategy, unit)
   return out
+
+
+def prediction_units(ctx) -> dict[str, str]:
+  """`first_seed_units` whose predictions are exported on the original grids: medical volumes only."""
+  return first_seed_units(ctx) if export.has_volumes(ctx.data) else {}
 
 
 def load_predictions(ctx, unit: str) -> np.ndarray:

@@ -145,6 +145,10 @@ class Context:
       checkpointer.close()
     if complete:
       self.complete(task.checkpoint, task.num_steps)
+    # Later stages of this run read these weights (`load`): hand them the ones in memory, which the final
+    # checkpoint holds bit for bit, instead of restoring the whole state from disk again.
+    final = (os.path.abspath(self.checkpoint_dir(task.checkpoint)), task.num_steps)
+    self.restored[final] = result.state.ema_params
     return result
 
   def load(self, task: task_lib.Task) -> Any:

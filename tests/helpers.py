@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from diffuseg_jax.config_files import load_config
 from diffuseg_jax.context import Context
@@ -25,3 +26,11 @@ def unit_path(workdir, unit: str) -> str | None:
 
   fps = units.kept_fingerprints(str(workdir), unit)
   return units.unit_dir(str(workdir), unit, fps[-1]) if fps else None
+
+
+def subprocess_env(devices: int, **extra: str) -> dict[str, str]:
+  """The environment of a `python -m diffuseg_jax.main` subprocess: CPU with `devices` devices and this
+  session's XLA flags (tests/conftest.py: the fast-compile flags), `extra` variables on top."""
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', '')).split()
+  flags.append(f'--xla_force_host_platform_device_count={devices}')
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags), **extra}

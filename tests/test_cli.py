@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +54,7 @@ def _checkpoint_steps(workdir) -> list[int]:
 def test_ctrl_c_saves_a_checkpoint_and_prints_one_line(tmp_path):
   """The first Ctrl-C is SIGTERM's checkpoint-and-stop: exit 130, one line naming the step and the stage."""
   workdir = str(tmp_path / 'wd')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = subprocess_env(2)
   with open(tmp_path / 'stderr.txt', 'w+') as err:  # a file: a full pipe would stall the run
     proc = subprocess.Popen(
         [sys.executable, '-m', 'diffuseg_jax.main', '--config=configs/test.py', '--config.stages=teacher',

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import unit_path
+from helpers import subprocess_env, unit_path
 
 from diffuseg_jax.train import metric_writer
 
@@ -38,8 +38,7 @@ def _command(workdir):
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp('xla_cache')
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-          'JAX_COMPILATION_CACHE_DIR': str(cache)}
+  return subprocess_env(2, JAX_COMPILATION_CACHE_DIR=str(cache))
 
 
 def _start(workdir, env):

@@ -109,10 +109,12 @@ def abstract_state(task: Task, mesh: Mesh | None = None) -> TrainState:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
 
 
-def init_state(task: Task, mesh: Mesh) -> TrainState:
-  """A fresh replicated TrainState, allocated once (eval_shape -> jit with out_shardings)."""
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(functools.partial(_create, task),
-                                                                             task.rng))
+def init_state(task: Task, mesh: Mesh, abstract: TrainState | None = None) -> TrainState:
+  """A fresh replicated TrainState, allocated once (eval_shape -> jit with out_shardings); `abstract`, the
+  task's `abstract_state` when the caller has it, saves tracing the networks' init once more."""
+  if abstract is None:
+    abstract = jax.eval_shape(functools.partial(_create, task), task.rng)
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
   return jax.jit(functools.partial(_create, task), out_shardings=shardings)(task.rng)
 
 
@@ -122,9 +124,10 @@ def init_or_restore(task: Task, mesh: Mesh, checkpointer: StageCheckpointer) -> 
   The restore targets this run's mesh: without target shardings orbax would fall back to the saved ones,
   which fail when the device or process count changed since (a resumed job on other hardware).
   """
-  restored = checkpointer.restore(abstract_state(task, mesh))
+  abstract = abstract_state(task, mesh)
+  restored = checkpointer.restore(abstract)
   if restored is None:
-    return init_state(task, mesh), {}, None
+    return init_state(task, mesh, abstract), {}, None
   state, data_state, step = restored
   return jax.device_put(state, sharding.replicated(mesh)), data_state, step
 

@@ -125,10 +125,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_steps=50,
       eta=0.0,
       guidance_scale=1.0,
-      blend_mode='hard',  # hard | soft | pyramid
+      blend_mode='hard',  # hard | soft | soft_vp (soft, keeping the noise variance) | pyramid
       blend_until=1.0,  # fraction of the DDIM steps that blend; the rest denoise freely (harmonise)
       soft_sigma=1.0,  # soft mode: Gaussian blur sigma (latent pixels) of the mask edge
       pyramid_levels=3,  # pyramid mode: Laplacian pyramid levels
+      # Pixel mask -> latent mask: coverage (every latent pixel holding a labelled pixel: thin structures keep
+      # every pixel) | majority (more than half covered). The same for pixel-space diffusion (factor 1).
+      latent_mask='coverage',
       region_content='rendered',  # rendered (per-class target appearance) | label (literal label map)
       mask_union=True,  # blend with the union of foreground classes (True) or all classes incl. background
       # source | test (test: the masks are the test split's own labels, so every score trained on synthetic
@@ -153,6 +156,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=64,
       learning_rate=1e-3,
       augment=True,  # random flips / 90-degree rotations
+      # Which EMA weights evaluation uses: val (the best mean foreground Dice on the labelled validation split,
+      # scored every select_every steps; the last step where there is no validation split) | last. Never test.
+      select='val',
+      select_every=100,
   )
 
   # Shared training options. Every training batch size above (vae, autoencoder, diffusion, segmentation) must be

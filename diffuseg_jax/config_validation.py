@@ -28,7 +28,7 @@ from diffuseg_jax.models.cond_unet import COND_MODES
 from diffuseg_jax.models.latent import KINDS
 from diffuseg_jax.options import parse_names
 from diffuseg_jax.sampling import schedules
-from diffuseg_jax.sampling.blend import BLEND_MODES
+from diffuseg_jax.sampling.blend import BLEND_MODES, LATENT_MASKS
 from diffuseg_jax.sampling.sampler import SamplerSettings
 from diffuseg_jax.stages import autoencoder, diffusion, segment, teacher
 
@@ -43,16 +43,18 @@ CHOICES = {
     'diffusion.schedule': schedules.SCHEDULES,
     'diffusion.cond_mode': COND_MODES,
     'sampling.blend_mode': BLEND_MODES,
+    'sampling.latent_mask': LATENT_MASKS,
     'sampling.region_content': REGION_CONTENTS,
     'sampling.mask_set': MASK_SETS,
+    'segmentation.select': ('val', 'last'),
     'train.compute_dtype': tuple(runtime.COMPUTE_DTYPES),
 }
 POSITIVE_INTS = (
     'data.image_size', 'vae.teacher_steps', 'vae.student_steps', 'vae.batch_size', 'autoencoder.steps',
     'autoencoder.batch_size', 'diffusion.steps', 'diffusion.batch_size', 'diffusion.num_timesteps',
     'sampling.num_steps', 'sampling.batch_size', 'sampling.shard_size', 'segmentation.steps',
-    'segmentation.batch_size', 'eval.batch_size', 'checkpoint.every_steps', 'checkpoint.max_to_keep',
-    'checkpoint.preemption_check_every',
+    'segmentation.batch_size', 'segmentation.select_every', 'eval.batch_size', 'checkpoint.every_steps',
+    'checkpoint.max_to_keep', 'checkpoint.preemption_check_every',
     'train.log_every',
 )
 OPTIONAL_POSITIVE_INTS = ('sampling.num_masks', 'data.max_cases')  # None or a positive integer

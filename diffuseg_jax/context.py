@@ -109,11 +109,12 @@ class Context:
     return self.is_complete(task.checkpoint)
 
   def train(self, task: task_lib.Task, arrays: dict[str, np.ndarray], *, frozen: Any = None,
-            augment: bool = False, complete: bool = True) -> FitResult:
+            augment: bool = False, complete: bool = True, select: Any = None, select_every: int = 0) -> FitResult:
     """Trains `task` on shuffled batches of `arrays`, resuming from its newest checkpoint (state and data
     position); the data order is fixed by config.seed and the task's name. A final checkpoint damaged since
     it was written is set aside first (training then resumes from the one before). `complete`: mark the
-    unit complete when training ends (False for units with more outputs to write: the caller marks it)."""
+    unit complete when training ends (False for units with more outputs to write: the caller marks it).
+    `select`, `select_every`: `fit`'s weight-selection hook (selection.py)."""
     cfg = self.config
     unit_path = self.unit_dir(task.checkpoint)
     state_of_unit = units.completion(unit_path)
@@ -137,8 +138,9 @@ class Context:
       writer = MetricWriter(unit_path, task.name)
       settings = LoopSettings(log_every=cfg.train.log_every, checkpoint_every=cfg.checkpoint.every_steps,
                               preemption_check_every=cfg.checkpoint.preemption_check_every,
-                              show_progress=self.show_progress and cfg.train.progress)
-      result = fit(task, state, iterator, checkpointer, writer, mesh=self.mesh, frozen=frozen, settings=settings)
+                              show_progress=self.show_progress and cfg.train.progress, select_every=select_every)
+      result = fit(task, state, iterator, checkpointer, writer, mesh=self.mesh, frozen=frozen, settings=settings,
+                   select=select)
     finally:
       if writer is not None:
         writer.close()

@@ -98,6 +98,20 @@ def results_training_units(ctx) -> list[str]:
 TRAINING_UNITS = ('teacher', 'student', 'autoencoder', 'diffusion', 'segment')
 
 
+def selection_lines(strategies: dict, config) -> list[str]:
+  """Which split chose each segmenter's weights (selection.py): never the test split."""
+  chosen = {s: [r.get('selection') or {} for r in v.get('per_seed', [])] for s, v in strategies.items()}
+  on_val = {s: [c['step'] for c in cs if c.get('selected_on') == 'val'] for s, cs in chosen.items()}
+  if not any(on_val.values()):
+    reasons = sorted({c.get('reason') or 'last step' for cs in chosen.values() for c in cs})
+    return [f'Segmenter weights: the final EMA weights ({"; ".join(reasons)}); nothing is chosen on the test '
+            'split.', ''] if reasons else []
+  steps = '; '.join(f'{s} {", ".join(str(k) for k in ks)}' for s, ks in on_val.items() if ks)
+  return [f'Segmenter weights: the EMA weights with the best mean foreground Dice on the labelled validation '
+          f'split, scored every {config.segmentation.select_every} steps and at the last; steps chosen (per seed): '
+          f'{steps}. Nothing is chosen on the test split.', '']
+
+
 def write_report(ctx, metrics: dict) -> str:
   """report.md and its figures for this run (`metrics`: results.gather)."""
   from diffuseg_jax.stages import evaluate
@@ -144,6 +158,7 @@ def write_report(ctx, metrics: dict) -> str:
       'not competitors.',
       '',
   ]
+  lines += selection_lines(ev.get('strategies', {}), cfg)
   if ev.get('strategies'):
     lines += ['Per-class Dice:', '', *per_class_table(ev['strategies']), '']
   if os.path.isdir(ctx.path('predictions')):

@@ -7,9 +7,19 @@ bit-for-bit):
   soft     the same with m_soft = max(m, blur(m)): the feather grows *outwards* only, so the region m = 1 is
            still exactly x_seg; pixels farther than the blur radius from the region are exactly x_dom; a band
            of ~3 sigma outside the region mixes the two.
+  soft_vp  soft, variance-preserving (`variance_preserving_blend`): the clean estimates are mixed with m_soft
+           and the two independent noises with m_soft / sqrt(m_soft^2 + (1 - m_soft)^2), so the feather band
+           keeps the noise variance 1 - a that the next step expects (a plain soft blend leaves
+           ((1 - m)^2 + m^2)(1 - a) there: half of it where m = 0.5). Where m_soft is 0 or 1 it is x_dom or
+           x_seg, as soft.
   pyramid  Burt & Adelson (1983): every Laplacian level is blended with the Gaussian-pyramid mask of that
            level, then the pyramid is collapsed. The boundary is smooth at every scale, but nothing is
            exactly preserved (coarse levels leak across the edge); equals x_seg only for an all-ones mask.
+
+The pixel mask becomes a latent mask (`mask_to_latent`) by one of LATENT_MASKS: 'coverage' (default: every
+latent pixel that holds any labelled pixel, so a 1-pixel vessel keeps all its pixels inside the preserved
+region whatever the autoencoder's factor) or 'majority' (more than half covered: an unbiased area, but lines
+narrower than half the factor vanish).
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BLEND_MODES = ('hard', 'soft', 'pyramid')
+BLEND_MODES = ('hard', 'soft', 'soft_vp', 'pyramid')
+LATENT_MASKS = ('coverage', 'majority')
 
 # Burt-Adelson's 5-tap generating kernel (a = 0.375), binomial; exact in binary floating point, so the
 # Gaussian pyramid of an all-ones mask stays exactly one.
@@ -49,6 +60,16 @@ def mask_to_latent(mask: jax.Array, factor: int, threshold: float | None = 0.5) 
   if threshold is None:
     return frac
   return (frac >= threshold).astype(jnp.float32)
+
+
+def latent_mask_threshold(rule: str, factor: int) -> float:
+  """The `mask_to_latent` threshold of a LATENT_MASKS rule: 'majority' 0.5; 'coverage' half of one pixel's
+  share of a latent pixel (any covered pixel passes, exactly, in float32)."""
+  if rule == 'majority':
+    return 0.5
+  if rule == 'coverage':
+    return 0.5 / (factor * factor)
+  raise ValueError(f'latent_mask={rule!r} is not one of {list(LATENT_MASKS)}')
 
 
 def _conv1d_edge(x: jax.Array, kernel: np.ndarray, axis: int) -> jax.Array:
@@ -134,11 +155,39 @@ def blend(x_dom: jax.Array, x_seg: jax.Array, mask: jax.Array, mode: str = 'hard
   if mode == 'hard':
     return x_dom * (1.0 - mask) + x_seg * mask
   if mode == 'soft':
-    m = jnp.maximum(mask, gaussian_blur(mask, soft_sigma))
+    m = soft_mask(mask, soft_sigma)
     return x_dom * (1.0 - m) + x_seg * m
+  if mode == 'soft_vp':
+    raise ValueError("blend_mode='soft_vp' mixes clean estimates and noises separately: use "
+                     'variance_preserving_blend')
   if mode == 'pyramid':
     lap_dom = laplacian_pyramid(x_dom, pyramid_levels)
     lap_seg = laplacian_pyramid(x_seg, pyramid_levels)
     masks = gaussian_pyramid(mask, pyramid_levels)
     return collapse_pyramid([d * (1.0 - m) + s * m for d, s, m in zip(lap_dom, lap_seg, masks, strict=True)])
   raise ValueError(f'blend_mode={mode!r} is not one of {list(BLEND_MODES)}')
+
+
+def soft_mask(mask: jax.Array, soft_sigma: float) -> jax.Array:
+  """max(m, blur(m)): the feather grows outwards only, the region m = 1 stays 1."""
+  return jnp.maximum(mask, gaussian_blur(mask, soft_sigma))
+
+
+def variance_preserving_blend(x_dom: jax.Array, x0_dom: jax.Array, x_seg: jax.Array, x0_seg: jax.Array,
+                              mask: jax.Array, a: jax.Array | float, soft_sigma: float) -> jax.Array:
+  """Soft blend of two latents at one noise level, x = sqrt(a) x0 + sqrt(1 - a) n with n ~ N(0, I), that keeps
+  the noise variance at 1 - a (mode 'soft_vp'): [B, h, w, C] each, mask [B, h, w, 1], `a` the alpha-bar both
+  are at (a = 1: clean latents, the result is the soft blend of x0_dom and x0_seg).
+
+  x0 = (1 - m) x0_dom + m x0_seg;  n = ((1 - m) n_dom + m n_seg) / sqrt((1 - m)^2 + m^2), with n_dom, n_seg the
+  noises implied by (x, x0) and independent (x_seg's noise is drawn fresh each step); m = soft_mask(mask).
+  """
+  m = soft_mask(mask.astype(x_dom.dtype), soft_sigma)
+  a = jnp.asarray(a, x_dom.dtype)
+  noise_scale = jnp.sqrt(jnp.maximum(1.0 - a, 0.0))
+  safe = jnp.where(noise_scale > 0, noise_scale, 1.0)  # a = 1: no noise, the noises' weights do not matter
+  n_dom = (x_dom - jnp.sqrt(a) * x0_dom) / safe
+  n_seg = (x_seg - jnp.sqrt(a) * x0_seg) / safe
+  x0 = x0_dom * (1.0 - m) + x0_seg * m
+  noise = (n_dom * (1.0 - m) + n_seg * m) * jax.lax.rsqrt(jnp.square(1.0 - m) + jnp.square(m))
+  return jnp.sqrt(a) * x0 + noise_scale * noise

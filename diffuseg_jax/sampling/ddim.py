@@ -27,6 +27,17 @@ def ddim_sigma(a_t: jax.Array | float, a_prev: jax.Array | float, eta: float) ->
   return eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * ((a_prev - a_t) / a_prev))
 
 
+def implied_x0_eps(x_t: jax.Array, eps: jax.Array, a_t: jax.Array | float,
+                   clip_x0: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """(x_0, eps) that a DDIM step uses: x_0 from `predict_x0`, clipped to [-clip_x0, clip_x0] with eps
+  re-derived from it when clip_x0 is set."""
+  x0 = predict_x0(x_t, eps, a_t)
+  if clip_x0 is not None:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    eps = (x_t - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
+  return x0, eps
+
+
 def ddim_step(x_t: jax.Array, eps: jax.Array, a_t: jax.Array | float, a_prev: jax.Array | float, eta: float,
               noise: jax.Array | None, clip_x0: float | None = None) -> jax.Array:
   """x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise.
@@ -34,10 +45,7 @@ def ddim_step(x_t: jax.Array, eps: jax.Array, a_t: jax.Array | float, a_prev: ja
   `noise` ~ N(0, I) shaped like x_t is added whenever eta > 0 (stochastic DDIM, eta = 1: DDPM ancestral);
   it may be None when eta == 0.
   """
-  x0 = predict_x0(x_t, eps, a_t)
-  if clip_x0 is not None:
-    x0 = jnp.clip(x0, -clip_x0, clip_x0)
-    eps = (x_t - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
+  x0, eps = implied_x0_eps(x_t, eps, a_t, clip_x0)
   if eta == 0.0:
     return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
   if noise is None:

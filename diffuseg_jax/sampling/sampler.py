@@ -39,10 +39,11 @@ class SamplerSettings:
   """Static sampler configuration (hashable; bound with functools.partial or passed as a static argument).
 
   num_steps: DDIM steps S; eta: 0 deterministic DDIM .. 1 DDPM-like; guidance_scale: classifier-free guidance
-  s (1 = conditional only, 0 = unconditional only); blend_mode: hard | soft | pyramid; blend_until: fraction
+  s (1 = conditional only, 0 = unconditional only); blend_mode: hard | soft | soft_vp | pyramid; blend_until: fraction
   of the steps (from the noisiest) that blend, the rest denoise freely; soft_sigma, pyramid_levels: see
   `blend.blend`; save_trajectory: also return x after every step; num_timesteps: T of the training schedule;
-  clip_x0: clip the implied x_0 to [-clip_x0, clip_x0] (pixel space; see `ddim.ddim_step`), None = no clip.
+  clip_x0: clip the implied x_0 to [-clip_x0, clip_x0] (pixel space; see `ddim.ddim_step`), None = no clip;
+  latent_mask: how the synthesis kernel turns the pixel mask into the latent one (`blend.LATENT_MASKS`).
   """
 
   num_steps: int = 50
@@ -55,6 +56,7 @@ class SamplerSettings:
   save_trajectory: bool = False
   num_timesteps: int = 1000
   clip_x0: float | None = None
+  latent_mask: str = 'coverage'
 
   def __post_init__(self):
     if not 1 <= self.num_steps <= self.num_timesteps:
@@ -68,6 +70,8 @@ class SamplerSettings:
                         f'{list(blend_lib.BLEND_MODES)}')
     if not 0.0 <= self.blend_until <= 1.0:
       raise ValueError(f'blend_until={self.blend_until} must be in [0, 1]')
+    if self.latent_mask not in blend_lib.LATENT_MASKS:
+      raise ValueError(f'latent_mask={self.latent_mask!r} is not one of {list(blend_lib.LATENT_MASKS)}')
     if self.pyramid_levels < 1:
       raise ValueError(f'pyramid_levels={self.pyramid_levels} must be >= 1')
 
@@ -80,6 +84,7 @@ class SamplerSettings:
                blend_mode=str(s.blend_mode), blend_until=float(s.blend_until), soft_sigma=float(s.soft_sigma),
                pyramid_levels=int(s.pyramid_levels),
                clip_x0=None if s.get('clip_x0') is None else float(s.clip_x0),
+               latent_mask=str(s.get('latent_mask', 'coverage')),
                num_timesteps=int(config.diffusion.num_timesteps))
 
 
@@ -115,8 +120,13 @@ def make_step_fn(eps_fn: EpsFn, settings: SamplerSettings) -> StepFn:
       return x_dom
     noise_seg = jax.random.normal(key_seg, x.shape, x.dtype)
     x_seg = jnp.sqrt(a_prev) * region_latent + jnp.sqrt(1.0 - a_prev) * noise_seg
-    blended = blend_lib.blend(x_dom, x_seg, mask, settings.blend_mode, settings.soft_sigma,
-                              settings.pyramid_levels)
+    if settings.blend_mode == 'soft_vp':
+      x0_dom, _ = ddim.implied_x0_eps(x, eps, a_t, settings.clip_x0)
+      blended = blend_lib.variance_preserving_blend(x_dom, x0_dom, x_seg, region_latent, mask, a_prev,
+                                                    settings.soft_sigma)
+    else:
+      blended = blend_lib.blend(x_dom, x_seg, mask, settings.blend_mode, settings.soft_sigma,
+                                settings.pyramid_levels)
     return jnp.where(do_blend, blended, x_dom)
 
   return step

@@ -21,7 +21,8 @@ from diffuseg_jax.sampling.sampler import SamplerSettings, blended_ddim_sample
 def synthesize(unet, settings: SamplerSettings, alphas_cumprod: jax.Array, params, codec, key: jax.Array,
                region_image: jax.Array, mask: jax.Array, z_dom: jax.Array) -> tuple[jax.Array, jax.Array]:
   region = codec.encode(region_image)
-  m = blend_lib.mask_to_latent(mask, codec.downsample)
+  m = blend_lib.mask_to_latent(mask, codec.downsample,
+                               blend_lib.latent_mask_threshold(settings.latent_mask, codec.downsample))
 
   def eps_fn(x, t, z, drop):
     return unet.apply({'params': params}, x, t, z, drop)

@@ -15,7 +15,7 @@ import functools
 import jax
 import numpy as np
 
-from diffuseg_jax import logs, losses, runtime
+from diffuseg_jax import logs, losses, runtime, selection
 from diffuseg_jax.data import DataSpec
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.seg_unet import build_seg_unet
@@ -77,9 +77,12 @@ def training_arrays(ctx, strategy: str) -> dict[str, np.ndarray]:
 
 
 def load(ctx, strategy: str, seed: int):
-  """(model, EMA params) of one finished segmentation run."""
+  """(model, params) of one finished segmentation run: the EMA weights chosen on the validation split
+  (selection.py), or the final ones."""
   t = task(ctx.config, ctx.data.spec, strategy, seed)
-  return t.model, ctx.load(t)
+  final = ctx.load(t)  # also checks that the unit is intact
+  selected = selection.load_selected(ctx, t.checkpoint, t.init_params, t.rng)
+  return t.model, final if selected is None else selected
 
 
 def run(ctx) -> None:
@@ -90,4 +93,13 @@ def run(ctx) -> None:
     arrays = training_arrays(ctx, strategy)
     note = ' (oracle: uses real target labels)' if strategy in ORACLE else ''
     logs.say(f'[segment] {strategy} seed {seed}: {len(arrays["image"])} training images{note}')
-    ctx.train(t, arrays, augment=ctx.config.segmentation.augment)
+    last_step_reason = selection.wants_validation(ctx)
+    if last_step_reason is None:
+      chooser = selection.BestOnValidation(ctx, t.checkpoint, t.model)
+      ctx.train(t, arrays, augment=ctx.config.segmentation.augment, select=chooser,
+                select_every=int(ctx.config.segmentation.select_every))
+      logs.say(f'[segment] {strategy} seed {seed}: step {chooser.best_step} chosen on the validation split '
+               f'(Dice {chooser.best:.3f}, {len(ctx.data.val)} images)')
+    else:
+      selection.record_last_step(ctx, t.checkpoint, last_step_reason)
+      ctx.train(t, arrays, augment=ctx.config.segmentation.augment)

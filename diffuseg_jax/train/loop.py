@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,14 +43,18 @@ class LoopSettings:
   log_every: int = 50
   checkpoint_every: int = 500
   preemption_check_every: int = preemption.DEFAULT_AGREE_EVERY
+  select_every: int = 0  # call fit's `select` hook every this many steps and at the last step (0: never)
   show_progress: bool = True
 
 
 @preemption.cooperative()  # SIGTERM in here only sets a flag: the loop picks the step to stop at
 def fit(task: Task, state: Any, iterator, checkpointer: StageCheckpointer, writer: MetricWriter, *, mesh: Mesh,
-        frozen: Any = None, settings: LoopSettings = LoopSettings()) -> FitResult:
+        frozen: Any = None, settings: LoopSettings = LoopSettings(),
+        select: Callable[[int, Any], None] | None = None) -> FitResult:
   """Train `state` (placed, replicated on `mesh`) up to `task.num_steps`; `frozen` is passed to every step
-  (replicated, never donated). `iterator` yields per-process numpy batches of `task.batch_size` rows in total."""
+  (replicated, never donated). `iterator` yields per-process numpy batches of `task.batch_size` rows in total.
+  `select(step, state)` (every process) sees the state every `settings.select_every` steps and at the last
+  (choosing weights on validation data: selection.py)."""
   sharding.check_batch_size(task.batch_size, mesh, f'batch size of {task.name}')
   start = int(jax.device_get(state.step))
   if start >= task.num_steps:
@@ -92,6 +97,8 @@ def fit(task: Task, state: Any, iterator, checkpointer: StageCheckpointer, write
         writer.write(done, {**mean, 'images_per_second': ips})
         bar.set_postfix(loss=f'{mean.get("loss", float("nan")):.4f}', img_s=f'{ips:.0f}')
       bar.update(1)
+      if select is not None and settings.select_every and (done % settings.select_every == 0 or is_last):
+        select(done, state)  # before the checkpoint of this step: a resume never finds a selection ahead of it
       if done % ckpt_every == 0 or is_last or stop:
         checkpointer.save(done, state, pipeline.get_iterator_state(iterator), force=is_last)
         if stop:

@@ -1,0 +1,131 @@
+"""Segmenter weights chosen on the validation split (diffuseg_jax/selection.py): the score against a hand
+count, the chosen weights are the best validation ones, and the test split is never read while choosing."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from helpers import make_context, tiny_config
+
+from diffuseg_jax import report, selection
+from diffuseg_jax.stages import segment
+
+STEPS, EVERY = 6, 2
+
+
+def test_pooled_foreground_dice_by_hand():
+  label = np.array([[[0, 1, 1], [2, 2, 0]]])
+  pred = np.array([[[1, 1, 0], [2, 0, 0]]])
+  # class 1: |P|=2, |G|=2, overlap 1 -> 0.5; class 2: |P|=1, |G|=2, overlap 1 -> 2/3
+  assert selection.pooled_foreground_dice(pred, label, 3) == pytest.approx((0.5 + 2 / 3) / 2)
+  assert selection.pooled_foreground_dice(pred, label, 4) == pytest.approx((0.5 + 2 / 3) / 2)  # class 3 absent
+  assert selection.pooled_foreground_dice(np.zeros((1, 2, 2)), np.zeros((1, 2, 2)), 2) == 1.0
+  assert selection.pooled_foreground_dice(np.ones((1, 2, 2)), np.zeros((1, 2, 2)), 2) == 0.0
+
+
+class _Untouchable:
+  """Stands in for the test split: any use of it fails the test."""
+
+  def __getattr__(self, name):
+    raise AssertionError(f'model selection read the test split (.{name})')
+
+  def __len__(self):
+    raise AssertionError('model selection read the test split (len)')
+
+
+def _config(**segmentation):
+  config = tiny_config()
+  config.segmentation.update({'strategies': 'transfer', 'steps': STEPS, 'select_every': EVERY, **segmentation})
+  return config
+
+
+def _with_validation(ctx, test_split):
+  """The tiny data with a labelled validation split (8 target-domain images) and `test_split` as the test."""
+  data = ctx.data
+  ctx.data = dataclasses.replace(data, val=data.test.subset(np.arange(8)), test=test_split)
+  return ctx
+
+
+@pytest.fixture(scope='module')
+def chosen_run(tmp_path_factory):
+  ctx = make_context(_config(), tmp_path_factory.mktemp('selection'))
+  _with_validation(ctx, _Untouchable())
+  segment.run(ctx)  # would raise if anything read the test split
+  return ctx
+
+
+def test_weights_are_chosen_on_validation_without_reading_the_test_split(chosen_run):
+  ctx = chosen_run
+  chosen = selection.read(ctx, 'segment/transfer_seed0')
+  assert chosen['selected_on'] == 'val' and chosen['num_images'] == 8 and chosen['every'] == EVERY
+  scores = {int(k): v for k, v in chosen['scores'].items()}
+  assert sorted(scores) == list(range(EVERY, STEPS + 1, EVERY))
+  best = max(scores, key=lambda k: (scores[k], -k))  # the first step with the best score
+  assert chosen['best_step'] == best and chosen['best_val_dice'] == scores[best]
+  # The weights evaluation reads score what the selection recorded, recomputed here from their predictions.
+  model, params = segment.load(ctx, 'transfer', 0)
+  chooser = selection.BestOnValidation(ctx, 'segment/transfer_seed0', model)
+  assert chooser.score(params) == pytest.approx(chosen['best_val_dice'], abs=1e-7)
+
+
+def test_changed_test_labels_change_no_choice(chosen_run, tmp_path):
+  """The same run with the real test split in place: the same scores and the same step."""
+  ctx = make_context(_config(), tmp_path)
+  _with_validation(ctx, ctx.data.test)
+  segment.run(ctx)
+  assert selection.read(ctx, 'segment/transfer_seed0')['scores'] == selection.read(
+      chosen_run, 'segment/transfer_seed0')['scores']
+
+
+def test_without_validation_labels_the_final_weights_are_used(tmp_path):
+  ctx = make_context(_config(steps=2), tmp_path)  # the tiny data has no validation split
+  segment.run(ctx)
+  chosen = selection.read(ctx, 'segment/transfer_seed0')
+  assert chosen == {'selected_on': 'last step', 'reason': 'no labelled validation split', 'best_step': None}
+  t = segment.task(ctx.config, ctx.data.spec, 'transfer', 0)
+  assert segment.load(ctx, 'transfer', 0)[1] is ctx.load(t)
+  lines = report.selection_lines({'transfer': {'per_seed': [{'selection': {
+      'selected_on': 'last step', 'reason': 'no labelled validation split'}}]}}, ctx.config)
+  assert 'final EMA weights (no labelled validation split)' in lines[0]
+
+
+def test_damaged_selected_weights_are_refused(chosen_run, tmp_path):
+  import shutil
+
+  shutil.copytree(chosen_run.workdir, tmp_path / 'wd')
+  ctx = _with_validation(make_context(_config(), tmp_path / 'wd'), _Untouchable())
+  path = os.path.join(ctx.unit_dir('segment/transfer_seed0'), selection.PARAMS_FILE)
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    f.write(b'\x00\x01\x02')
+  with pytest.raises(Exception, match='changed since it was written'):
+    segment.load(ctx, 'transfer', 0)
+  assert json.load(open(os.path.join(ctx.unit_dir('segment/transfer_seed0'), selection.SELECTION_FILE)))
+
+
+def test_the_best_scored_step_is_the_one_evaluated(tmp_path, monkeypatch):
+  """Scores 0.5, 0.9, 0.1 at steps 2, 4, 6: evaluation gets step 4's EMA weights (its checkpoint's), not the
+  final ones."""
+  from diffuseg_jax.train import task as task_lib
+  from diffuseg_jax.train.checkpoint import StageCheckpointer
+
+  scores = iter([0.5, 0.9, 0.1])
+  monkeypatch.setattr(selection.BestOnValidation, 'score', lambda self, params: next(scores))
+  ctx = _with_validation(make_context(_config(), tmp_path), _Untouchable())
+  ctx.config.checkpoint.every_steps = 2
+  segment.run(ctx)
+  assert selection.read(ctx, 'segment/transfer_seed0')['best_step'] == 4
+  t = segment.task(ctx.config, ctx.data.spec, 'transfer', 0)
+  checkpointer = StageCheckpointer(ctx.checkpoint_dir(t.checkpoint))
+  step4, _, step = checkpointer.restore(task_lib.abstract_state(t, ctx.mesh), step=4)
+  checkpointer.close()
+  assert step == 4
+  _, params = segment.load(ctx, 'transfer', 0)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(step4.ema_params), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  final = ctx.load(t)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(final), strict=True))

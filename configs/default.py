@@ -150,7 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       base_channels=16,
       levels=3,
       # transfer | self | semi | diffuseg; self and semi train on target labels (folder: <root>/target/labels/).
-      strategies='transfer,self,semi,diffuseg',
+      strategies='transfer,self,semi,diffuseg,diffuseg_st',
       seeds=(0, 1, 2),
       steps=800,
       batch_size=64,
@@ -160,6 +160,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # scored every select_every steps; the last step where there is no validation split) | last. Never test.
       select='val',
       select_every=100,
+      # diffuseg_st: target pixels whose pseudo-label (the diffuseg segmenter's softmax) is below this
+      # confidence are ignored by the loss.
+      st_threshold=0.9,
   )
 
   # Shared training options. Every training batch size above (vae, autoencoder, diffusion, segmentation) must be

@@ -7,8 +7,8 @@ Variants:
   python -m diffuseg_jax.main --config=configs/folder.py:gpu --config.data.root=PATH \
       --workdir=runs/folder_gpu  # gpu: the sizes for a real GPU run (default.py's gpu variant)
 
-Strategies: transfer and diffuseg; with <root>/target/labels/ add the oracle rows with
---config.segmentation.strategies=transfer,self,semi,diffuseg.
+Strategies: transfer, diffuseg and diffuseg_st (DiffuSeg + self-training on the target images); with
+<root>/target/labels/ add the oracle rows with --config.segmentation.strategies=transfer,self,semi,diffuseg,diffuseg_st.
 
 `default.py` is loaded from this file's own folder (not through `import configs...`), so the config works
 whatever the current directory is, and from tests, without `configs/` being a package or on sys.path.
@@ -28,6 +28,7 @@ def get_config(arg: str | None = None):
   config.data.update(name='folder', image_size=64, empty_slices='drop_source')
   config = apply_variant(config, arg, VARIANTS, __file__)
   # Target labels are optional in the folder layout and the oracle strategies (self, semi) need them: they are
-  # yours to add (--config.segmentation.strategies=transfer,self,semi,diffuseg) when <root>/target/labels exists.
-  config.segmentation.strategies = 'transfer,diffuseg'
+  # yours to add (--config.segmentation.strategies=transfer,self,semi,diffuseg,diffuseg_st) when
+  # <root>/target/labels exists.
+  config.segmentation.strategies = 'transfer,diffuseg,diffuseg_st'
   return config

@@ -21,7 +21,8 @@ def get_config(arg: str | None = None):
   c.diffusion.update(base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_heads=2, num_cond_tokens=2,
                      steps=4, batch_size=16, num_timesteps=100)
   c.sampling.update(num_steps=4, batch_size=16, shard_size=16, num_masks=32)
-  c.segmentation.update(base_channels=8, levels=2, steps=4, batch_size=16, seeds=(0,))
+  c.segmentation.update(base_channels=8, levels=2, steps=4, batch_size=16, seeds=(0,),
+                        strategies='transfer,self,semi,diffuseg')
   c.eval.update(batch_size=16, num_quality_images=16, num_figure_examples=2)
   c.train.update(log_every=2, progress=False)
   c.checkpoint.every_steps = 4  # one save per 4-step stage (resume tests set their own interval)

@@ -27,6 +27,7 @@ from diffuseg_jax.losses import KD_DISTS
 from diffuseg_jax.models.cond_unet import COND_MODES
 from diffuseg_jax.models.latent import KINDS
 from diffuseg_jax.options import parse_names
+from diffuseg_jax.run_identity import SELF_TRAINED
 from diffuseg_jax.sampling import schedules
 from diffuseg_jax.sampling.blend import BLEND_MODES, LATENT_MASKS
 from diffuseg_jax.sampling.sampler import SamplerSettings
@@ -150,7 +151,14 @@ def validate(config) -> None:
                       f'(e.g. --config.data.root=/path/to/data)')
   if config.autoencoder.kind == 'pretrained' and not config.autoencoder.path:
     raise ConfigError('config.autoencoder.path is required for autoencoder.kind=pretrained')
-  parse_names(config.segmentation.strategies, segment.STRATEGIES, 'segmentation.strategies')  # the stage's list
+  strategies = parse_names(config.segmentation.strategies, segment.STRATEGIES, 'segmentation.strategies')
+  for strategy, labeller in SELF_TRAINED.items():
+    if strategy in strategies and labeller not in strategies:
+      raise ConfigError(f'segmentation strategy {strategy} self-trains on the pseudo-labels of {labeller}: add '
+                        f'{labeller} to config.segmentation.strategies')
+  st = config.segmentation.st_threshold
+  if not isinstance(st, (int, float)) or not 0.0 <= st <= 1.0:
+    raise ConfigError(f'config.segmentation.st_threshold={st!r} must be a confidence in [0, 1]')
   _check_data_options(config.data)
   _check_sizes(config)
   _check_batches(config)

@@ -7,6 +7,7 @@ outputs are gathered with `process_allgather` when they span processes.
 The apply functions below are jitted once at import with the linen module as a static argument, so each is
 compiled once per (network, input shape) and reused by every stage, strategy and seed of a run:
   segment_labels(x, params, model=SegUNet)        int32 [B, H, W]   argmax of the segmentation logits
+  segment_labels_and_confidence(x, params, model=SegUNet)  {'label', 'confidence' (its softmax probability)}
   ffd_vae_labels(x, params, model=FFDVAE)          int32 [B, H, W]   the FFD-VAE's segmentation head (pseudo-labels)
   ffd_vae_outputs(x, params, model=FFDVAE)         dict: seg, recon, dom_mean, dom_logvar (posterior means)
   domain_codes(x, params, model=FFDVAE)            float [B, D]      z_dom posterior means
@@ -30,6 +31,13 @@ from diffuseg_jax.train import sharding
 @functools.partial(jax.jit, static_argnames='model')
 def segment_labels(x: jax.Array, params, *, model) -> jax.Array:
   return jnp.argmax(model.apply({'params': params}, x), -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def segment_labels_and_confidence(x: jax.Array, params, *, model) -> dict[str, jax.Array]:
+  """{'label': argmax int32 [B, H, W], 'confidence': its softmax probability float32 [B, H, W]}."""
+  probs = jax.nn.softmax(model.apply({'params': params}, x).astype(jnp.float32), axis=-1)
+  return {'label': jnp.argmax(probs, -1).astype(jnp.int32), 'confidence': jnp.max(probs, -1)}
 
 
 @functools.partial(jax.jit, static_argnames='model')

@@ -146,6 +146,24 @@ def segmentation_losses(logits: Array, labels: Array, num_classes: int) -> tuple
   return ce, dice
 
 
+IGNORE = -1  # label of pixels no loss reads (self-training: pseudo-labels below the confidence threshold)
+
+
+def masked_segmentation_losses(logits: Array, labels: Array, num_classes: int) -> tuple[Array, Array]:
+  """`segmentation_losses` where pixels labelled IGNORE (any negative label) count in neither term: the
+  cross-entropy is the mean over the other pixels (0 when there are none), and the soft Dice compares
+  softmax(logits) and the one-hot labels with both zeroed at ignored pixels."""
+  valid = labels >= 0
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  weight = valid.astype(jnp.float32)
+  ce = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  dice = soft_dice_loss(jnp.exp(logp) * weight[..., None],
+                        jax.nn.one_hot(safe, num_classes, dtype=jnp.float32) * weight[..., None])
+  return ce, dice
+
+
 def teacher_loss(out: Mapping[str, Array], images: Array, labels: Array, *, num_classes: int, beta: float,
                  seg_weight: float) -> tuple[Array, dict[str, Array]]:
   """Stage 1 (source FFD-VAE S): seg_weight (CE + soft Dice loss) + L_rec + beta (KL(z_seg) + KL(z_dom)).

@@ -16,6 +16,7 @@ STRATEGY_TEXT = {
     'self': ('Self (ORACLE: real target labels)', 'target images + real target labels'),
     'semi': ('Semi-self (ORACLE + synthetic)', 'target labels + synthetic pairs'),
     'diffuseg': ('DiffuSeg (synthetic only)', 'synthetic images + given labels'),
+    'diffuseg_st': ('DiffuSeg + self-training', 'synthetic pairs + confident target pseudo-labels'),
 }
 
 
@@ -67,7 +68,7 @@ def results_table(strategies: dict, unit: str) -> list[str]:
       f'| strategy | training data | seeds | Dice | IoU (= Jaccard) | HD ({unit}) | HD95 ({unit}) |',
       '|---|---|---|---|---|---|---|',
   ]
-  for name in ('transfer', 'self', 'semi', 'diffuseg'):
+  for name in STRATEGY_TEXT:
     if name not in strategies:
       continue
     r = strategies[name]

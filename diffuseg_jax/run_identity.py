@@ -8,7 +8,8 @@ Units, with what they consume:
   autoencoder                          data, seed, train, autoencoder
   diffusion                            student, autoencoder, diffusion
   synthesize                           student, autoencoder, diffusion, sampling
-  segment/<strategy>_seed<k>           data, seed, train, segmentation (+ synthesize for diffuseg and semi)
+  segment/<strategy>_seed<k>           data, seed, train, segmentation (+ synthesize for diffuseg, semi and
+                                       diffuseg_st; + segment/diffuseg_seed<k> for diffuseg_st)
   evaluate/<strategy>_seed<k>          segment/<strategy>_seed<k>, eval.hd_percentile
   quality                              synthesize, eval.num_quality_images, eval.inception_path
 
@@ -39,7 +40,8 @@ COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split a
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.
 STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.alpha', 'vae.lam', 'vae.dist',
                 'vae.latent_temperature')
-SYNTHETIC_STRATEGIES = ('diffuseg', 'semi')  # segmentation strategies trained on the synthetic pairs
+SYNTHETIC_STRATEGIES = ('diffuseg', 'semi', 'diffuseg_st')  # segmentation strategies trained on the synthetic pairs
+SELF_TRAINED = {'diffuseg_st': 'diffuseg'}  # strategy -> the strategy whose segmenter gives its pseudo-labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,8 @@ def spec(unit: str) -> UnitSpec:
   if kind == 'segment':
     strategy, seed = parse_run(run)
     upstream = ('synthesize',) if strategy in SYNTHETIC_STRATEGIES else ()
+    if strategy in SELF_TRAINED:
+      upstream += (f'segment/{run_name(SELF_TRAINED[strategy], seed)}',)
     return UnitSpec(COMMON + ('segmentation', '-segmentation.strategies', '-segmentation.seeds'),
                     upstream=upstream, extra=(('strategy', strategy), ('seed', seed)))
   if kind == 'evaluate':

@@ -192,6 +192,8 @@ CASES = [
     ('negative steps', [*TEST, '--config.vae.teacher_steps=-5'], None, 'vae.teacher_steps=-5 must be a positive'),
     ('unknown dataset', [*TEST, '--config.data.name=cifar'], None, "config.data.name='cifar' is not one of"),
     ('unknown strategy', [*TEST, '--config.segmentation.strategies=transfer,magic'], None, 'magic'),
+    ('self-training without its labeller', [*TEST, '--config.segmentation.strategies=transfer,diffuseg_st'], None,
+     'diffuseg_st self-trains on the pseudo-labels of diffuseg: add diffuseg'),
     ('unknown stage', [*TEST, '--config.stages=teacher,painting'], None, 'painting'),
     ('unknown mask set', [*TEST, '--config.sampling.mask_set=all'], None, "config.sampling.mask_set='all'"),
     ('reversed percentiles', [*TEST, '--config.data.percentiles=(99.5,0.5)'], None,

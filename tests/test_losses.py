@@ -163,3 +163,28 @@ def test_student_loss(dist):
                                               latent_temperature=2.0)[0])(te)
   for v in jax.tree.leaves(g):
     np.testing.assert_array_equal(v, 0.0)
+
+
+def test_masked_segmentation_losses_ignore_pixels_against_numpy():
+  """Pixels labelled IGNORE count in neither term: CE is the mean over the others, the soft Dice compares the
+  probabilities and one-hot labels zeroed there; without ignored pixels it equals segmentation_losses."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, (2, 5, 4))
+  labels[0, :2] = losses.IGNORE
+  labels[1, 3, 1] = losses.IGNORE
+  ce, dice = losses.masked_segmentation_losses(jnp.asarray(logits), jnp.asarray(labels), 3)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  valid = labels >= 0
+  want_ce = -np.mean(np.log(p[valid, labels[valid]]))
+  onehot = np.eye(3)[np.where(valid, labels, 0)] * valid[..., None]
+  np.testing.assert_allclose(ce, want_ce, rtol=1e-5)
+  np.testing.assert_allclose(dice, 1 - _np_dice(p * valid[..., None], onehot), rtol=1e-5)
+  full = rng.integers(0, 3, (2, 5, 4))
+  for got, want in zip(losses.masked_segmentation_losses(jnp.asarray(logits), jnp.asarray(full), 3),
+                       losses.segmentation_losses(jnp.asarray(logits), jnp.asarray(full), 3), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  none = np.full((2, 5, 4), losses.IGNORE)
+  ce0, _ = losses.masked_segmentation_losses(jnp.asarray(logits), jnp.asarray(none), 3)
+  assert float(ce0) == 0.0

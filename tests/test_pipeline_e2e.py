@@ -225,3 +225,23 @@ def test_garbled_final_checkpoint_redoes_its_stage_only(finished_run, tmp_path, 
   assert new == set() and touched == {'diffusion'}  # downstream units were made from the intact final model
   assert ctx.is_complete('diffusion')
   assert os.path.isdir(os.path.join(ctx.unit_dir('diffusion'), 'checkpoints.unreadable'))
+
+
+def test_self_training_strategy_adds_only_its_own_units(finished_run, tmp_path, capsys):
+  """diffuseg_st on a finished run: trains on the synthetic pairs plus the target images pseudo-labelled by
+  the diffuseg segmenter of the same seed; nothing else is trained again, and it is scored beside the others."""
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  strategies = ','.join((*STRATEGIES, 'diffuseg_st'))
+  ctx = pipeline.run(_config(**{'segmentation.strategies': strategies}), wd, show_progress=False)
+  new, touched = _changes(before, _snapshot(wd))
+  assert new == {'segment/diffuseg_st_seed0', 'evaluate/diffuseg_st_seed0'} and touched == set()
+  out = capsys.readouterr().out
+  n_synthetic, n_target = len(load_synthetic(ctx)['image']), len(ctx.data.target)
+  assert f'diffuseg_st seed 0: {n_target} target images pseudo-labelled by diffuseg seed 0' in out
+  assert f'diffuseg_st seed 0: {n_synthetic + n_target} training images' in out
+  strategies = json.load(open(os.path.join(wd, 'metrics.json')))['evaluate']['strategies']
+  assert 0.0 <= strategies['diffuseg_st']['dice_mean'] <= 1.0 and not strategies['diffuseg_st']['oracle']
+  assert 'DiffuSeg + self-training' in open(os.path.join(wd, 'report.md')).read()
+  spec = run_identity.spec('segment/diffuseg_st_seed0')
+  assert spec.upstream == ('synthesize', 'segment/diffuseg_seed0')

@@ -4,6 +4,9 @@
   self      target training images + their REAL labels: an ORACLE upper bound that DiffuSeg never sees
   semi      target images + real labels, plus the synthetic pairs (semi-self-learning; also oracle data)
   diffuseg  synthetic (image, given label) pairs only: the method
+  diffuseg_st  DiffuSeg, then one round of self-training (beyond the paper): the synthetic pairs plus the
+           unlabelled target training images with the diffuseg segmenter's (same seed) predictions as labels,
+           pixels below `segmentation.st_threshold` confidence ignored by the loss (losses.IGNORE)
 
 Units: segment/<strategy>_seed<k> (run_identity.py). Batches: {'image': [B,H,W,C], 'label': [B,H,W]}.
 """
@@ -15,30 +18,35 @@ import functools
 import jax
 import numpy as np
 
-from diffuseg_jax import logs, losses, runtime, selection
+from diffuseg_jax import inference, logs, losses, runtime, selection
 from diffuseg_jax.data import DataSpec
 from diffuseg_jax.errors import UserError
+from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.models.seg_unet import build_seg_unet
 from diffuseg_jax.options import parse_names
-from diffuseg_jax.run_identity import run_name
+from diffuseg_jax.run_identity import SELF_TRAINED, run_name
 from diffuseg_jax.synthetic_io import load_synthetic
 from diffuseg_jax.train.state import make_optimizer
 from diffuseg_jax.train.task import Task, linen_init, named_rng
 
-STRATEGIES = ('transfer', 'self', 'semi', 'diffuseg')
+STRATEGIES = ('transfer', 'self', 'semi', 'diffuseg', 'diffuseg_st')
 ORACLE = {'self', 'semi'}
 
 
 def runs(ctx) -> list[tuple[str, int]]:
+  """(strategy, seed) of every segmentation run, in STRATEGIES order (a self-trained strategy after the one
+  that labels its target images)."""
   strategies = parse_names(ctx.config.segmentation.strategies, STRATEGIES, 'segmentation.strategies')
+  strategies = sorted(strategies, key=STRATEGIES.index)
   return [(s, int(seed)) for s in strategies for seed in ctx.config.segmentation.seeds]
 
 
-def loss_fn(model, params, batch, rng, frozen):
-  """Cross-entropy + soft Dice (foreground and background) on one-hot labels."""
+def loss_fn(model, params, batch, rng, frozen, *, ignore: bool = False):
+  """Cross-entropy + soft Dice (foreground and background) on one-hot labels; `ignore`: pixels labelled
+  losses.IGNORE count in neither (self-training)."""
   del rng, frozen
-  ce, dice = losses.segmentation_losses(model.apply({'params': params}, batch['image']), batch['label'],
-                                        model.num_classes)
+  terms = losses.masked_segmentation_losses if ignore else losses.segmentation_losses
+  ce, dice = terms(model.apply({'params': params}, batch['image']), batch['label'], model.num_classes)
   return ce + dice, {'ce': ce, 'dice_loss': dice}
 
 
@@ -48,7 +56,8 @@ def task(config, spec: DataSpec, strategy: str, seed: int) -> Task:
   return Task(
       name=f'segment_{strategy}_seed{seed}', model=model,
       init_params=linen_init(model, jax.ShapeDtypeStruct((1, *spec.image_shape), 'float32')),
-      loss_fn=functools.partial(loss_fn, model), optimizer=make_optimizer(cfg.learning_rate, cfg.steps, config.train),
+      loss_fn=functools.partial(loss_fn, model, ignore=strategy in SELF_TRAINED),
+      optimizer=make_optimizer(cfg.learning_rate, cfg.steps, config.train),
       num_steps=int(cfg.steps), batch_size=int(cfg.batch_size), checkpoint=f'segment/{run_name(strategy, seed)}',
       rng=jax.random.fold_in(named_rng(config.seed, 'segment'), seed), ema_decay=float(config.train.ema_decay),
       learning_rate_field='segmentation.learning_rate')
@@ -58,7 +67,17 @@ def units(ctx) -> list[str]:
   return [f'segment/{run_name(s, k)}' for s, k in runs(ctx)]
 
 
-def training_arrays(ctx, strategy: str) -> dict[str, np.ndarray]:
+def pseudo_labels(ctx, strategy: str, seed: int) -> tuple[np.ndarray, float]:
+  """The target training images' labels from `strategy`'s segmenter of `seed` (int32 [N, H, W], pixels below
+  segmentation.st_threshold confidence = losses.IGNORE) and the fraction of pixels kept."""
+  model, params = load(ctx, strategy, seed)
+  out = batched_apply(functools.partial(inference.segment_labels_and_confidence, model=model),
+                      ctx.data.target.images, ctx.config.eval.batch_size, ctx.mesh, args=(params,))
+  confident = out['confidence'] >= float(ctx.config.segmentation.st_threshold)
+  return np.where(confident, out['label'], losses.IGNORE).astype(np.int32), float(confident.mean())
+
+
+def training_arrays(ctx, strategy: str, seed: int = 0) -> dict[str, np.ndarray]:
   data = ctx.data
   if strategy == 'transfer':
     return {'image': data.source.images, 'label': data.source.labels}
@@ -70,6 +89,13 @@ def training_arrays(ctx, strategy: str) -> dict[str, np.ndarray]:
   synthetic = load_synthetic(ctx)
   if strategy == 'diffuseg':
     return {'image': synthetic['image'], 'label': synthetic['label']}
+  if strategy in SELF_TRAINED:
+    labels, kept = pseudo_labels(ctx, SELF_TRAINED[strategy], seed)
+    logs.say(f'[segment] {strategy} seed {seed}: {len(labels)} target images pseudo-labelled by '
+             f'{SELF_TRAINED[strategy]} seed {seed}, {100 * kept:.1f} % of pixels at confidence >= '
+             f'{ctx.config.segmentation.st_threshold}')
+    return {'image': np.concatenate([synthetic['image'], data.target.images]),
+            'label': np.concatenate([synthetic['label'].astype(np.int32), labels])}
   return {  # semi
       'image': np.concatenate([data.target.images, synthetic['image']]),
       'label': np.concatenate([data.target.labels, synthetic['label']]),
@@ -90,7 +116,7 @@ def run(ctx) -> None:
     t = task(ctx.config, ctx.data.spec, strategy, seed)
     if ctx.is_trained(t):
       continue
-    arrays = training_arrays(ctx, strategy)
+    arrays = training_arrays(ctx, strategy, seed)
     note = ' (oracle: uses real target labels)' if strategy in ORACLE else ''
     logs.say(f'[segment] {strategy} seed {seed}: {len(arrays["image"])} training images{note}')
     last_step_reason = selection.wants_validation(ctx)

@@ -82,7 +82,8 @@ def spec(unit: str) -> UnitSpec:
     upstream = ('synthesize',) if strategy in SYNTHETIC_STRATEGIES else ()
     if strategy in SELF_TRAINED:
       upstream += (f'segment/{run_name(SELF_TRAINED[strategy], seed)}',)
-    return UnitSpec(COMMON + ('segmentation', '-segmentation.strategies', '-segmentation.seeds'),
+    own = () if strategy in SELF_TRAINED else ('-segmentation.st_threshold',)  # read by self-training only
+    return UnitSpec(COMMON + ('segmentation', '-segmentation.strategies', '-segmentation.seeds', *own),
                     upstream=upstream, extra=(('strategy', strategy), ('seed', seed)))
   if kind == 'evaluate':
     parse_run(run)

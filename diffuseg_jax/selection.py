@@ -112,7 +112,8 @@ def load_selected(ctx, unit: str, init_params, rng) -> Any | None:
     return None
   path = os.path.join(ctx.unit_dir(unit), PARAMS_FILE)
   try:
-    blob = open(path, 'rb').read()
+    with open(path, 'rb') as f:
+      blob = f.read()
   except OSError as e:
     raise UserError(f'{unit}: the validation-selected weights are missing ({e}); remove {ctx.unit_dir(unit)} '
                     'and rerun to train it again') from None

@@ -138,6 +138,9 @@ def test_fingerprints_follow_the_fields_each_unit_reads():
   assert base('student').fingerprint != student_only('student').fingerprint
   unseen = Identities(_config(**{'train.progress': True, 'checkpoint.every_steps': 3, 'eval.batch_size': 8}))
   assert all(base(u).fingerprint == unseen(u).fingerprint for u in ('teacher', 'synthesize', 'quality'))
+  threshold = Identities(_config(**{'segmentation.st_threshold': 0.5}))
+  assert base('segment/diffuseg_seed0').fingerprint == threshold('segment/diffuseg_seed0').fingerprint
+  assert base('segment/diffuseg_st_seed0').fingerprint != threshold('segment/diffuseg_st_seed0').fingerprint
   diff = run_identity.differences(base('synthesize').fields, other('synthesize').fields)
   assert diff == ['sampling.guidance_scale: 1.0 -> 3.0']
 

@@ -10,6 +10,10 @@
   probe_accuracy_student / _teacher: 5-fold accuracy of a logistic-regression probe that tells source from
     target images by their z_dom codes (0.5 = uninformative, 1.0 = perfectly domain-specific); k-fold with
     k = min(5, n) for n < 5 images of the smaller set, None for n < 2 (no cross-validation possible)
+  z_dom_anatomy_r2: how much anatomy the domain code carries, which it should not (the FFD-VAE factorises it
+    into z_seg): 5-fold cross-validated R^2 of a ridge regression from T's z_dom to each target test image's
+    per-class area fractions (0 = no anatomy in z_dom, 1 = z_dom gives the areas; can be negative); None
+    with fewer than 10 images or constant areas
 Inputs are host outputs of `inference.ffd_vae_outputs`: dicts of seg int [N, H, W], recon [N, H, W, C],
 dom_mean / dom_logvar [N, D].
 """
@@ -17,8 +21,8 @@ dom_mean / dom_logvar [N, D].
 from __future__ import annotations
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_score
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.model_selection import KFold, cross_val_predict, cross_val_score
 
 from diffuseg_jax.data import Split
 from diffuseg_jax.metrics.image_quality import psnr
@@ -35,6 +39,29 @@ def probe_accuracy(codes_a: np.ndarray, codes_b: np.ndarray, seed: int) -> float
   y = np.concatenate([np.zeros(n), np.ones(n)])
   clf = LogisticRegression(max_iter=2000, random_state=seed)
   return float(np.mean(cross_val_score(clf, x, y, cv=folds)))
+
+
+def area_fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """[N, K-1] fraction of each image's pixels in each foreground class."""
+  flat = labels.reshape(len(labels), -1)
+  return np.stack([(flat == k).mean(axis=1) for k in range(1, num_classes)], axis=1)
+
+
+def anatomy_r2(codes: np.ndarray, labels: np.ndarray, num_classes: int, seed: int) -> float | None:
+  """Cross-validated R^2 (pooled over the folds' held-out predictions, averaged over classes with varying
+  area) of predicting per-class area fractions from `codes` [N, D]; None below 10 images."""
+  n = min(len(codes), len(labels))
+  if n < 10:
+    return None
+  y = area_fractions(labels[:n], num_classes)
+  varying = y.std(axis=0) > 1e-6
+  if not varying.any():
+    return None
+  y = y[:, varying]
+  model = RidgeCV(alphas=np.logspace(-3, 3, 13))
+  pred = cross_val_predict(model, codes[:n], y, cv=KFold(min(5, n), shuffle=True, random_state=seed))
+  r2 = 1.0 - ((y - pred) ** 2).sum(axis=0) / ((y - y.mean(axis=0)) ** 2).sum(axis=0)
+  return float(np.mean(r2))
 
 
 def diagnostics(test: Split, class_names, teacher_test: dict, student_test: dict, teacher_source: dict,
@@ -60,4 +87,5 @@ def diagnostics(test: Split, class_names, teacher_test: dict, student_test: dict
       'z_dom_kl_per_dim': float(np.mean(kl)),
       'probe_accuracy_student': probe_accuracy(student_source['dom_mean'], student_test['dom_mean'], seed),
       'probe_accuracy_teacher': probe_accuracy(teacher_source['dom_mean'], teacher_test['dom_mean'], seed),
+      'z_dom_anatomy_r2': anatomy_r2(student_test['dom_mean'], test.labels, len(class_names), seed),
   }

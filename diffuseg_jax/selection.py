@@ -27,9 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from diffuseg_jax import atomic, inference, units
+from diffuseg_jax import atomic, units
 from diffuseg_jax.errors import UserError
-from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.train import sharding
 
 SELECTION_FILE = 'selection.json'
@@ -73,8 +72,9 @@ class BestOnValidation:
     self.crc32 = previous.get('crc32')
 
   def score(self, params) -> float:
-    pred = batched_apply(lambda x, p: inference.segment_labels(x, p, model=self.model), self.val.images,
-                         self.ctx.config.eval.batch_size, self.ctx.mesh, args=(params,))
+    from diffuseg_jax.stages import evaluate  # the evaluation's own prediction (evaluate imports segment)
+
+    pred = evaluate.predict(self.ctx, self.model, params, self.val.images)
     return pooled_foreground_dice(pred, self.val.labels, self.ctx.data.num_classes)
 
   def __call__(self, step: int, state: Any) -> None:

@@ -6,6 +6,7 @@
 Variants, with the same flags:
   --config=configs/acdc.py:quick  minutes on a CPU, 8 patients / subjects per split, 64 x 64 slices
   --config=configs/acdc.py:gpu    the sizes for a real GPU run (default.py's gpu variant)
+  --config=configs/acdc.py:sd --config.sd_path=/path/to/sd  Stable Diffusion from a local folder (default.py's sd)
 
 Source: every ACDC patient's ED and ES frames (labels 1 RV, 2 Myo, 3 LV); target / val / test: the MSCMRseg
 DE volumes split by subject. Both are mapped to background, LV, RV, Myo (diffuseg_jax/data/acdc.py). ACDC

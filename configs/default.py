@@ -3,6 +3,7 @@
   python -m diffuseg_jax.main --config=configs/default.py --workdir=runs/default  # full
   python -m diffuseg_jax.main --config=configs/default.py:quick --workdir=runs/default_quick  # quick
   python -m diffuseg_jax.main --config=configs/default.py:gpu --workdir=runs/default_gpu  # gpu
+  python -m diffuseg_jax.main --config=configs/default.py:sd --config.sd_path=/path/to/sd --workdir=runs/default_sd
 
 (The defaults are the embedded MNIST -> MNIST-M experiment; `configs/mnist_m.py` is the named entry.)
 Variants, shared by the dataset configs (`quick` and `gpu` below; each dataset adds its own sizes):
@@ -11,7 +12,9 @@ Variants, shared by the dataset configs (`quick` and `gpu` below; each dataset a
          with --config.data.name/root): fewer steps, smaller networks, at most data.max_cases subjects per
          split, one segmentation seed;
   gpu    the sizes for a real run on a GPU: long training (diffusion 30k steps, segmentation 5k), batches of
-         128, wider networks; float32 (--config.train.compute_dtype=bfloat16 is yours to add).
+         128, wider networks; float32 (--config.train.compute_dtype=bfloat16 is yours to add);
+  sd     the paper's Stable Diffusion route from a local folder, --config.sd_path=DIR (diffusers Flax layout:
+         vae/, unet/, scheduler/): its VAE as the latent space, its UNet as the denoiser, its schedule.
 """
 
 from collections.abc import Callable
@@ -98,7 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Conditional diffusion UNet D(x_t, t, z_dom) (eq. 7).
   c.diffusion = d(
-      schedule='linear',  # linear | scaled_linear | cosine
+      # linear | scaled_linear | cosine | pretrained (the scheduler config beside pretrained_unet_path: its
+      # schedule, num_timesteps and betas replace the three fields below)
+      schedule='linear',
       num_timesteps=1000,
       beta_start=1e-4,
       beta_end=2e-2,
@@ -111,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_cond_tokens=4,  # z_dom is projected to this many cross-attention tokens
       cond_dropout=0.1,  # probability of replacing z_dom by the learned null condition (for guidance)
       pretrained_unet_path=placeholder(str),  # local diffusers FlaxUNet2DConditionModel directory (SD layout)
+      # What the UNet predicts: epsilon (eq. 7) | v_prediction (SD 2.x) | pretrained (the scheduler config's)
+      prediction_type='epsilon',
+      finetune='full',  # a pretrained UNet: full | attention (only its attention blocks + the z_dom projection)
       steps=4000,
       batch_size=64,
       learning_rate=2e-4,
@@ -227,6 +235,36 @@ def gpu(c: ml_collections.ConfigDict) -> None:
   c.eval.update(batch_size=256, num_quality_images=2000)
 
 
+def sd_route(c: ml_collections.ConfigDict) -> None:
+  """The Stable Diffusion pieces of `sd` without its sizes: `config.sd_path` (a local diffusers Flax folder:
+  vae/, unet/, scheduler/) gives the latent space, the denoiser, the schedule and the prediction type."""
+  c.sd_path = placeholder(str)
+  c.data.channels = 3  # the SD VAE reads RGB: grayscale slices are repeated into three channels
+  c.autoencoder.kind = 'pretrained'
+  c.autoencoder.path = c.get_ref('sd_path')  # follows --config.sd_path
+  c.autoencoder.scaling_factor = None  # the VAE config's
+  c.diffusion.pretrained_unet_path = c.get_ref('sd_path')
+  c.diffusion.update(schedule='pretrained', prediction_type='pretrained', finetune='attention')
+
+
+def sd(c: ml_collections.ConfigDict) -> None:
+  """Stable Diffusion from the local folder `--config.sd_path=DIR` (diffusers Flax layout: vae/, unet/,
+  scheduler/; nothing is downloaded), on a GPU.
+
+  The folder's VAE is the latent space (its scaling_factor), its UNet the denoiser with z_dom entering through
+  its cross-attention tokens, its scheduler config the schedule, timestep count and prediction type (epsilon
+  or v). 256 x 256 RGB images (32 x 32 x 4 latents; --config.data.image_size=512 for SD's native size); only
+  the UNet's attention blocks and the z_dom projection are fine-tuned (--config.diffusion.finetune=full for
+  all of it), at learning rate 1e-4 for 10k steps of batch 32; bfloat16 compute. The other networks keep the
+  gpu variant's sizes.
+  """
+  gpu(c)
+  sd_route(c)
+  c.data.image_size = 256
+  c.diffusion.update(steps=10000, batch_size=32, learning_rate=1e-4)
+  c.train.compute_dtype = 'bfloat16'
+
+
 def latent_slices(c: ml_collections.ConfigDict, name: str, **data) -> ml_collections.ConfigDict:
   """Dataset `name` as 128 x 128 slices (plus the `data` fields given), with latent diffusion in a KL
   autoencoder of factor 4: 32 x 32 x 4 latents (the medical datasets' setting)."""
@@ -247,5 +285,5 @@ def quick_at(image_size: int, **data) -> Callable[[ml_collections.ConfigDict], N
 
 
 # The variants of a `latent_slices` dataset: quick at 64 x 64 (16 x 16 x 4 latents), gpu.
-LATENT_SLICE_VARIANTS = {'quick': quick_at(64), 'gpu': gpu}
-VARIANTS = {'quick': quick, 'gpu': gpu}
+LATENT_SLICE_VARIANTS = {'quick': quick_at(64), 'gpu': gpu, 'sd': sd}
+VARIANTS = {'quick': quick, 'gpu': gpu, 'sd': sd}

@@ -6,6 +6,8 @@ Variants:
       --workdir=runs/folder_quick  # quick: minutes on a CPU, 8 cases per split, 32 x 32 pixel diffusion
   python -m diffuseg_jax.main --config=configs/folder.py:gpu --config.data.root=PATH \
       --workdir=runs/folder_gpu  # gpu: the sizes for a real GPU run (default.py's gpu variant)
+  python -m diffuseg_jax.main --config=configs/folder.py:sd --config.data.root=PATH --config.sd_path=/path/to/sd \
+      --workdir=runs/folder_sd  # sd: Stable Diffusion from a local folder (default.py's sd variant)
 
 Strategies: transfer, diffuseg and diffuseg_st (DiffuSeg + self-training on the target images); with
 <root>/target/labels/ add the oracle rows with --config.segmentation.strategies=transfer,self,semi,diffuseg,diffuseg_st.
@@ -19,7 +21,7 @@ from diffuseg_jax.config_files import apply_variant, load_sibling
 default = load_sibling(__file__)
 
 # quick at 32 x 32: pixel-space diffusion costs 4x less than at 64.
-VARIANTS = {'quick': default.quick_at(32), 'gpu': default.gpu}
+VARIANTS = {'quick': default.quick_at(32), 'gpu': default.gpu, 'sd': default.sd}
 
 
 def get_config(arg: str | None = None):

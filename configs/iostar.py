@@ -6,6 +6,7 @@
 Variants, with the same flags:
   --config=configs/iostar.py:quick  minutes on a CPU, 8 images per split, 64 x 64
   --config=configs/iostar.py:gpu    default.py's gpu steps and widths, with this config's batches
+  --config=configs/iostar.py:sd --config.sd_path=/path/to/sd  Stable Diffusion from a local folder (default.py's sd)
 
 Source: every labelled DRIVE image; target / val / test: IOSTAR split by image (diffuseg_jax/data/retina.py).
 RGB, classes background, vessel; field-of-view masks are kept for evaluation. IOSTAR -> DRIVE:
@@ -47,7 +48,7 @@ def gpu(c) -> None:
   batches(c)
 
 
-VARIANTS = {'quick': quick, 'gpu': gpu}
+VARIANTS = {'quick': quick, 'gpu': gpu, 'sd': default.sd}
 
 
 def get_config(arg: str | None = None):

@@ -6,6 +6,8 @@
       --workdir=runs/mmwhs_quick  # quick: minutes on a CPU, 4 volumes per split, 64 x 64 slices
   python -m diffuseg_jax.main --config=configs/mmwhs.py:gpu --config.data.root=/path/to/MM-WHS \
       --workdir=runs/mmwhs_gpu  # gpu: the sizes for a real GPU run (default.py's gpu variant)
+  python -m diffuseg_jax.main --config=configs/mmwhs.py:sd --config.data.root=/path/to/MM-WHS \
+      --config.sd_path=/path/to/sd --workdir=runs/mmwhs_sd  # sd: Stable Diffusion from a local folder
 
 `data.root` holds {mr,ct}_train_NNNN_{image,label}.nii.gz anywhere below it (diffuseg_jax/data/mmwhs.py).
 Axial slices (canonical axis 2) at 128 x 128; classes background, LV, RV, LA, RA, Myo, Ao, PA. CT -> MR:

@@ -3,6 +3,8 @@
   python -m diffuseg_jax.main --config=configs/mnist_m.py --workdir=runs/mnist_m  # full
   python -m diffuseg_jax.main --config=configs/mnist_m.py:quick --workdir=runs/mnist_m_quick  # quick
   python -m diffuseg_jax.main --config=configs/mnist_m.py:gpu --workdir=runs/mnist_m_gpu  # gpu
+  python -m diffuseg_jax.main --config=configs/mnist_m.py:sd --config.sd_path=/path/to/sd \
+      --workdir=runs/mnist_m_sd  # sd: Stable Diffusion from a local folder, on a GPU (default.py's sd)
 
 The full run took 25 min on an idle 2-core CPU (fresh clone, install included); quick is the same pipeline
 with fewer steps and smaller batches (a run-through in minutes); gpu trains far longer with batches of 128
@@ -29,7 +31,7 @@ def get_config(arg: str | None = None):
   # Transfer, the oracle, DiffuSeg and DiffuSeg + self-training, 3 seeds each (12 runs); add semi with
   # --config.segmentation.strategies=transfer,self,semi,diffuseg,diffuseg_st (3 more runs, ~2.5 min on 2 cores).
   c.segmentation.update(base_channels=8, steps=200, strategies='transfer,self,diffuseg,diffuseg_st')
-  return apply_variant(c, arg, {'quick': quick, 'gpu': gpu}, __file__)
+  return apply_variant(c, arg, {'quick': quick, 'gpu': gpu, 'sd': default.sd}, __file__)
 
 
 def quick(c) -> None:

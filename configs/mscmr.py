@@ -6,6 +6,8 @@
       --workdir=runs/mscmr_quick  # quick: minutes on a CPU, 8 subjects per split, 64 x 64 slices
   python -m diffuseg_jax.main --config=configs/mscmr.py:gpu --config.data.root=/path/to/MSCMRseg \
       --workdir=runs/mscmr_gpu  # gpu: the sizes for a real GPU run (default.py's gpu variant)
+  python -m diffuseg_jax.main --config=configs/mscmr.py:sd --config.data.root=/path/to/MSCMRseg \
+      --config.sd_path=/path/to/sd --workdir=runs/mscmr_sd  # sd: Stable Diffusion from a local folder
 
 `data.root` holds subjectN_{C0,T2,DE}.nii.gz and subjectN_{C0,T2,DE}_manual.nii.gz anywhere below it (see
 diffuseg_jax/data/mscmr.py). Short-axis slices at 128 x 128; classes background, LV, RV, Myo. Latent

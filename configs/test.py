@@ -2,9 +2,11 @@
 
   python -m diffuseg_jax.main --config=configs/test.py --workdir=/tmp/diffuseg_test  # pixel space
   python -m diffuseg_jax.main --config=configs/test.py:kl --workdir=/tmp/diffuseg_test_kl  # kl
+  python -m diffuseg_jax.main --config=configs/test.py:sd --config.sd_path=DIR --workdir=/tmp/diffuseg_test_sd  # sd
 
-kl: the same with a KL autoencoder (factor 2) as the diffusion's latent space. No quick/gpu variants: this
-config is already the smallest that runs every stage.
+kl: the same with a KL autoencoder (factor 2) as the diffusion's latent space; sd: the Stable Diffusion route
+(default.py's `sd_route`) on a tiny SD-layout folder, --config.sd_path=DIR (the tests write one). No quick/gpu
+variants: this config is already the smallest that runs every stage.
 """
 
 from diffuseg_jax.config_files import apply_variant, load_sibling
@@ -26,9 +28,14 @@ def get_config(arg: str | None = None):
   c.eval.update(batch_size=16, num_quality_images=16, num_figure_examples=2)
   c.train.update(log_every=2, progress=False)
   c.checkpoint.every_steps = 4  # one save per 4-step stage (resume tests set their own interval)
-  return apply_variant(c, arg, {'kl': kl}, __file__)
+  return apply_variant(c, arg, {'kl': kl, 'sd': sd}, __file__)
 
 
 def kl(c) -> None:
   """Latent diffusion in a KL autoencoder with factor 2 (8 x 8 latents of the 16 x 16 images)."""
   c.autoencoder.update(kind='kl', downsample=2)
+
+
+def sd(c) -> None:
+  """The :sd route (pretrained VAE, UNet and schedule from --config.sd_path) at this config's sizes."""
+  default.sd_route(c)

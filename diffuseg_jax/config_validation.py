@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import jax
 
-from diffuseg_jax import runtime
+from diffuseg_jax import runtime, stable_diffusion
 from diffuseg_jax.data import DATASETS, DataSpec
 from diffuseg_jax.data.volumes import EMPTY_SLICE_POLICIES
 from diffuseg_jax.errors import ConfigError
@@ -28,7 +28,7 @@ from diffuseg_jax.models.cond_unet import COND_MODES
 from diffuseg_jax.models.latent import KINDS
 from diffuseg_jax.options import parse_names
 from diffuseg_jax.run_identity import SELF_TRAINED
-from diffuseg_jax.sampling import schedules
+from diffuseg_jax.sampling import prediction, schedules
 from diffuseg_jax.sampling.blend import BLEND_MODES, LATENT_MASKS
 from diffuseg_jax.sampling.sampler import SamplerSettings
 from diffuseg_jax.stages import autoencoder, diffusion, segment, teacher
@@ -43,6 +43,8 @@ CHOICES = {
     'autoencoder.kind': KINDS,
     'diffusion.schedule': schedules.SCHEDULES,
     'diffusion.cond_mode': COND_MODES,
+    'diffusion.prediction_type': prediction.PREDICTION_TYPES,
+    'diffusion.finetune': stable_diffusion.FINETUNE,
     'sampling.blend_mode': BLEND_MODES,
     'sampling.latent_mask': LATENT_MASKS,
     'sampling.region_content': REGION_CONTENTS,
@@ -68,7 +70,7 @@ LEVELS = ('vae.levels', 'segmentation.levels')
 # eval batches are rounded up to the device count (`inference.batched_apply`), so any size works there.
 TRAINING_BATCHES = ('vae.batch_size', 'autoencoder.batch_size', 'diffusion.batch_size', 'segmentation.batch_size')
 # Fields holding a local path: a shell does not expand `~` after `=` (`--config.data.root=~/data`).
-PATH_FIELDS = ('data.root', 'data.target_root', 'data.mnist_idx_dir', 'autoencoder.path',
+PATH_FIELDS = ('sd_path', 'data.root', 'data.target_root', 'data.mnist_idx_dir', 'autoencoder.path',
                'diffusion.pretrained_unet_path', 'eval.inception_path')
 
 
@@ -92,10 +94,12 @@ def config_section(name: str) -> Iterator[None]:
 def expand_paths(config) -> None:
   """`~` at the start of a path field -> the home folder, in place (the shell leaves it in `--x=~/data`)."""
   for key in PATH_FIELDS:
+    if key == 'sd_path' and 'sd_path' not in config:
+      continue  # only the :sd variants have it
     value = get(config, key)
     if isinstance(value, str) and value.startswith('~'):
       section, _, name = key.rpartition('.')
-      get(config, section)[name] = os.path.expanduser(value)
+      (get(config, section) if section else config)[name] = os.path.expanduser(value)
 
 
 def dotted_fields(config, prefix: str = '') -> list[str]:

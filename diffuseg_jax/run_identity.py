@@ -36,6 +36,9 @@ FORMAT = 1
 # Config fields that never change a result: left out of every fingerprint.
 NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 'sampling.batch_size',
          'eval.batch_size', 'eval.num_figure_examples')
+# Fields added after workdirs existed, at the value that does what runs did before the field: left out of the
+# fingerprint at that value, so adding them recomputes nothing.
+NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full'}
 COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.
 STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.alpha', 'vae.lam', 'vae.dist',
@@ -130,7 +133,8 @@ def unit_fields(values: dict[str, Any], unit_spec: UnitSpec) -> dict[str, Any]:
   include = [f for f in unit_spec.fields if not f.startswith('-')]
   exclude = [f[1:] for f in unit_spec.fields if f.startswith('-')] + list(NEVER)
   out = {p: v for p, v in values.items()
-         if any(_covered(p, s) for s in include) and not any(_covered(p, s) for s in exclude)}
+         if any(_covered(p, s) for s in include) and not any(_covered(p, s) for s in exclude)
+         and not (p in NEUTRAL and v == NEUTRAL[p])}
   out.update({f'run.{k}': v for k, v in unit_spec.extra})
   return dict(sorted(out.items()))
 

@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 from ml_collections.config_flags import config_flags
 
-from diffuseg_jax import config_validation
+from diffuseg_jax import config_validation, stable_diffusion
 from diffuseg_jax.config_files import CONFIG_DIR, load_config, load_config_module
 from diffuseg_jax.models.autoencoder import build_kl_autoencoder
 from diffuseg_jax.models.cond_unet import build_cond_unet
@@ -18,7 +18,7 @@ from diffuseg_jax.models.seg_unet import build_seg_unet
 from diffuseg_jax.stages import STAGES
 
 DATASET_CONFIGS = ('default', 'mnist_m', 'mscmr', 'acdc', 'mmwhs', 'iostar', 'folder')
-VARIANTS = {**{name: ('quick', 'gpu') for name in DATASET_CONFIGS}, 'test': ('kl',)}
+VARIANTS = {**{name: ('quick', 'gpu', 'sd') for name in DATASET_CONFIGS}, 'test': ('kl', 'sd')}
 CASES = [(name, variant) for name, variants in VARIANTS.items() for variant in (None, *variants)]
 
 
@@ -26,13 +26,26 @@ def test_every_config_file_is_covered():
   assert sorted(p.stem for p in CONFIG_DIR.glob('*.py')) == sorted(VARIANTS)
 
 
+@pytest.fixture(scope='module')
+def sd_folder(tmp_path_factory):
+  from sd_fixtures import write_tiny_sd
+
+  return write_tiny_sd(tmp_path_factory.mktemp('sd'), 'epsilon')[0]
+
+
 @pytest.mark.parametrize('name,variant', CASES)
-def test_variant_loads_and_validates(name, variant):
+def test_variant_loads_and_validates(name, variant, sd_folder):
   c = load_config(name, variant)
   if c.data.name != 'mnist_m':
     c.data.root = '/data'  # validation requires a root for every dataset but the embedded one
+  if variant == 'sd':
+    c.sd_path = str(sd_folder)
+    stable_diffusion.resolve(c)  # what pipeline.run does first
+    assert (c.autoencoder.path, c.diffusion.pretrained_unet_path) == (str(sd_folder),) * 2
+    assert (c.diffusion.schedule, c.diffusion.num_timesteps) == ('scaled_linear', 100)
   config_validation.validate(c)
-  assert c.train.compute_dtype == 'float32'  # no variant turns bfloat16 on
+  # Only the GPU-only sd variants of the datasets compute in bfloat16.
+  assert c.train.compute_dtype == ('bfloat16' if variant == 'sd' and name != 'test' else 'float32')
 
 
 @pytest.mark.parametrize('name', sorted(VARIANTS))

@@ -4,32 +4,17 @@ Tiny models are built from small configs (their UNet GroupNorms are fixed at 32 
 saved to a temp dir and loaded back; outputs must equal the directly applied diffusers model.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sd_fixtures import host_params
 
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models import diffusers_adapter as da
 from diffuseg_jax.models import latent
 
 B, H = 2, 16  # latent 8x8x4: NCHW and NHWC latents are distinguishable by diffusers
-
-
-def _host_params(module, seed=0):
-  """Params of the module's real tree, drawn on the host (compiling the initialisers would take seconds)."""
-  shapes = jax.eval_shape(module.init_weights, jax.random.key(0))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    if path[-1].key == 'scale':
-      return np.ones(leaf.shape, np.float32)
-    std = 0.05 if path[-1].key == 'bias' else 1 / math.sqrt(max(1, math.prod(leaf.shape[:-1])))
-    return rng.normal(0.0, std, leaf.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _x(seed, shape):
@@ -46,7 +31,7 @@ def saved(tmp_path_factory):
                                   down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
                                   up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), block_out_channels=(32, 32),
                                   layers_per_block=1, attention_head_dim=8, cross_attention_dim=8)
-  vae_params, unet_params = _host_params(vae), _host_params(unet, 1)
+  vae_params, unet_params = host_params(vae), host_params(unet, 1)
   vae.save_pretrained(root / 'vae', params=vae_params)  # SD pipeline layout: <root>/vae, <root>/unet
   unet.save_pretrained(root / 'unet', params=unet_params)
   return root, vae, vae_params, unet, unet_params
@@ -124,32 +109,3 @@ def test_bad_paths_raise_user_error(tmp_path, saved):
   root = saved[0]
   with pytest.raises(UserError, match='autoencoder.path'):
     da.load_pretrained_autoencoder(root / 'unet')
-
-
-def test_diffusion_stage_trains_a_local_pretrained_sd_layout(saved, tmp_path):
-  """autoencoder.kind=pretrained + diffusion.pretrained_unet_path: the stage's model, init and one step."""
-  from helpers import make_context, tiny_config
-
-  from diffuseg_jax.stages import autoencoder, diffusion
-  from diffuseg_jax.train import sharding
-  from diffuseg_jax.train import task as task_lib
-
-  root, _, _, _, unet_params = saved
-  config = tiny_config()
-  config.autoencoder.kind = 'pretrained'
-  config.autoencoder.path = str(root)
-  config.diffusion.pretrained_unet_path = str(root)
-  config.vae.z_dom_dim = 4
-  ctx = make_context(config, tmp_path)
-  autoencoder.run(ctx)  # records the pretrained scaling factor (0.25)
-  assert ctx.read_results()['autoencoder']['scaling_factor'] == 0.25
-  codec = autoencoder.load_codec(ctx)
-  task = diffusion.task(ctx.config, diffusion.latent_shape(ctx, codec))
-  state = task_lib.init_state(task, ctx.mesh)
-  np.testing.assert_array_equal(  # the pretrained weights are the starting point, not re-initialised
-      np.asarray(state.params['unet']['conv_in']['kernel']), np.asarray(unet_params['conv_in']['kernel']))
-  latents = autoencoder.encode_images(ctx, codec, ctx.data.target.images[:16])
-  assert latents.shape == (16, 8, 8, 4)
-  batch = sharding.shard_batch({'latent': latents, 'z_dom': np.zeros((16, 4), np.float32)}, ctx.mesh)
-  new_state, metrics = task_lib.compile_step(task, ctx.mesh)(state, batch, task.rng, None)
-  assert np.isfinite(float(metrics['loss'])) and int(new_state.step) == 1

@@ -33,6 +33,14 @@ Array = jnp.ndarray
 Params = Any
 
 _WEIGHTS = 'diffusion_flax_model.msgpack'
+_TORCH_WEIGHTS = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+
+
+def _convert_command(model_dir: str, subfolder: str) -> str:
+  """A one-line shell command that writes Flax weights next to a diffusers PyTorch checkpoint."""
+  cls = 'FlaxAutoencoderKL' if subfolder == 'vae' else 'FlaxUNet2DConditionModel'
+  return (f'python -c "from diffusers import {cls} as M; m, p = M.from_pretrained(\'{model_dir}\', from_pt=True); '
+          f'm.save_pretrained(\'{model_dir}\', params=p)"')
 
 
 def _model_dir(path, subfolder: str, field: str) -> str:
@@ -43,6 +51,10 @@ def _model_dir(path, subfolder: str, field: str) -> str:
   for candidate in (path, os.path.join(path, subfolder)):
     if os.path.isfile(os.path.join(candidate, 'config.json')):
       if not os.path.isfile(os.path.join(candidate, _WEIGHTS)):
+        torch = [f for f in _TORCH_WEIGHTS if os.path.isfile(os.path.join(candidate, f))]
+        if torch:
+          raise UserError(f'{field}={path}: {candidate} holds PyTorch weights ({torch[0]}) but no {_WEIGHTS}; '
+                          f'convert them once, where torch is installed: {_convert_command(candidate, subfolder)}')
         raise UserError(f'{field}={path}: {candidate} has no {_WEIGHTS} (Flax weights are required)')
       return candidate
   if not os.path.isdir(path):

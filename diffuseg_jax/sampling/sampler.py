@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffuseg_jax.sampling import blend as blend_lib
-from diffuseg_jax.sampling import ddim, schedules
+from diffuseg_jax.sampling import ddim, prediction, schedules
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 StepFn = Callable[..., jax.Array]
@@ -43,7 +43,9 @@ class SamplerSettings:
   of the steps (from the noisiest) that blend, the rest denoise freely; soft_sigma, pyramid_levels: see
   `blend.blend`; save_trajectory: also return x after every step; num_timesteps: T of the training schedule;
   clip_x0: clip the implied x_0 to [-clip_x0, clip_x0] (pixel space; see `ddim.ddim_step`), None = no clip;
-  latent_mask: how the synthesis kernel turns the pixel mask into the latent one (`blend.LATENT_MASKS`).
+  latent_mask: how the synthesis kernel turns the pixel mask into the latent one (`blend.LATENT_MASKS`);
+  prediction_type: what the denoiser outputs (`prediction.PREDICTION_TYPES`); the synthesis kernel turns it
+  into the eps this sampler works on (`prediction.eps_fn`).
   """
 
   num_steps: int = 50
@@ -57,6 +59,7 @@ class SamplerSettings:
   num_timesteps: int = 1000
   clip_x0: float | None = None
   latent_mask: str = 'coverage'
+  prediction_type: str = 'epsilon'
 
   def __post_init__(self):
     if not 1 <= self.num_steps <= self.num_timesteps:
@@ -74,6 +77,7 @@ class SamplerSettings:
       raise ValueError(f'latent_mask={self.latent_mask!r} is not one of {list(blend_lib.LATENT_MASKS)}')
     if self.pyramid_levels < 1:
       raise ValueError(f'pyramid_levels={self.pyramid_levels} must be >= 1')
+    prediction.check(self.prediction_type)
 
   @classmethod
   def from_config(cls, config: Any) -> SamplerSettings:
@@ -85,7 +89,8 @@ class SamplerSettings:
                pyramid_levels=int(s.pyramid_levels),
                clip_x0=None if s.get('clip_x0') is None else float(s.clip_x0),
                latent_mask=str(s.get('latent_mask', 'coverage')),
-               num_timesteps=int(config.diffusion.num_timesteps))
+               num_timesteps=int(config.diffusion.num_timesteps),
+               prediction_type=str(config.diffusion.get('prediction_type', 'epsilon')))
 
 
 def _guided_eps(eps_fn: EpsFn, x: jax.Array, t: jax.Array, z_dom: jax.Array, scale: float) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from diffuseg_jax.sampling import blend as blend_lib
+from diffuseg_jax.sampling import prediction
 from diffuseg_jax.sampling.sampler import SamplerSettings, blended_ddim_sample
 
 
@@ -24,9 +25,10 @@ def synthesize(unet, settings: SamplerSettings, alphas_cumprod: jax.Array, param
   m = blend_lib.mask_to_latent(mask, codec.downsample,
                                blend_lib.latent_mask_threshold(settings.latent_mask, codec.downsample))
 
-  def eps_fn(x, t, z, drop):
+  def apply(x, t, z, drop):
     return unet.apply({'params': params}, x, t, z, drop)
 
+  eps_fn = prediction.eps_fn(apply, alphas_cumprod, settings.prediction_type)
   x0, _ = blended_ddim_sample(eps_fn, alphas_cumprod, key, region, m, z_dom, settings)
   err = jnp.max(jnp.abs(x0 - region) * m, axis=(1, 2, 3))
   return jnp.clip(codec.decode(x0), -1.0, 1.0), err

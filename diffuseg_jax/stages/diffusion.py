@@ -1,4 +1,7 @@
-"""Stage `diffusion`: the eps-prediction UNet D(x_t, t, z_dom) on target latents (paper eq. 7).
+"""Stage `diffusion`: the denoising UNet D(x_t, t, z_dom) on target latents (paper eq. 7).
+
+D predicts the noise (eps, the paper's eq. 7) or, with diffusion.prediction_type='v_prediction' (Stable
+Diffusion 2.x weights), the velocity v (`sampling/prediction.py`); the sampler works on the implied eps.
 
 z_dom = posterior mean of the frozen student's domain encoder on the SAME target image; latents come from the
 frozen autoencoder (identity in pixel space). Both are computed once before training (they are frozen), so a
@@ -15,10 +18,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from diffuseg_jax import inference, losses, runtime
+from diffuseg_jax import inference, losses, runtime, stable_diffusion
+from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.cond_unet import build_cond_unet
-from diffuseg_jax.sampling import schedules
+from diffuseg_jax.sampling import prediction, schedules
 from diffuseg_jax.stages import autoencoder, student
 from diffuseg_jax.train.state import make_optimizer
 from diffuseg_jax.train.task import Task, linen_init, named_rng
@@ -29,13 +35,15 @@ def schedule(config) -> schedules.Schedule:
   return schedules.make_schedule(c.schedule, c.num_timesteps, c.beta_start, c.beta_end)
 
 
-def denoising_loss(model, alphas_cumprod, params, x0, z_dom, t, noise, drop):
-  """Eq. 7 for given timesteps t [B], noise (x0's shape) and condition-dropout flags drop [B]."""
+def denoising_loss(model, alphas_cumprod, params, x0, z_dom, t, noise, drop, prediction_type='epsilon'):
+  """Eq. 7 for given timesteps t [B], noise (x0's shape) and condition-dropout flags drop [B]: the mean
+  squared error to the noise (epsilon) or to v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (v_prediction)."""
   x_t = schedules.q_sample(x0, t, noise, alphas_cumprod)
-  return losses.diffusion_loss(noise, model.apply({'params': params}, x_t, t, z_dom, drop))
+  target = prediction.training_target(x0, noise, jnp.asarray(alphas_cumprod, jnp.float32)[t], prediction_type)
+  return losses.diffusion_loss(target, model.apply({'params': params}, x_t, t, z_dom, drop))
 
 
-def loss_fn(model, cond_dropout, alphas_cumprod, params, batch, rng, frozen):
+def loss_fn(model, cond_dropout, alphas_cumprod, prediction_type, params, batch, rng, frozen):
   """`denoising_loss` with t uniform in [0, T), Gaussian noise and dropout Bernoulli(cond_dropout) from rng."""
   del frozen
   k_t, k_noise, k_drop = jax.random.split(rng, 3)
@@ -44,31 +52,54 @@ def loss_fn(model, cond_dropout, alphas_cumprod, params, batch, rng, frozen):
   t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
   noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
   drop = jax.random.bernoulli(k_drop, cond_dropout, (b,))
-  return denoising_loss(model, alphas_cumprod, params, x0, batch['z_dom'], t, noise, drop), {}
+  return denoising_loss(model, alphas_cumprod, params, x0, batch['z_dom'], t, noise, drop, prediction_type), {}
+
+
+def finetune_optimizer(optimizer: optax.GradientTransformation, finetune: str) -> optax.GradientTransformation:
+  """`optimizer` on every parameter ('full'), or only on the z_dom projection and the pretrained UNet's
+  attention blocks ('attention', `stable_diffusion.is_attention_param`); the rest get zero updates and no
+  optimizer state."""
+  if finetune == 'full':
+    return optimizer
+
+  def labels(params):
+    flat = flatten_dict(params)
+    return unflatten_dict({k: 'train' if stable_diffusion.is_attention_param(k) else 'frozen' for k in flat})
+
+  return optax.multi_transform({'train': optimizer, 'frozen': optax.set_to_zero()}, labels)
 
 
 def task(config, latent_shape: tuple[int, int, int]) -> Task:
   """The denoiser on latents [h, w, c]. With diffusion.pretrained_unet_path, a local diffusers Flax UNet
   (fine-tuned here, its weights the starting point) behind a z_dom token projection."""
   cfg, cond_dim = config.diffusion, config.vae.z_dom_dim
+  dtype = runtime.compute_dtype(config)
   if cfg.pretrained_unet_path:
     from diffuseg_jax.models import diffusers_adapter
 
-    unet, unet_params = diffusers_adapter.load_pretrained_unet(cfg.pretrained_unet_path)
-    model = diffusers_adapter.PretrainedCondUNet(unet, cond_dim=cond_dim, num_cond_tokens=cfg.num_cond_tokens)
+    unet, unet_params = diffusers_adapter.load_pretrained_unet(cfg.pretrained_unet_path, dtype=dtype)
+    if unet.in_channels != latent_shape[-1] or unet.out_channels != latent_shape[-1]:
+      raise UserError(f'diffusion.pretrained_unet_path={cfg.pretrained_unet_path}: the UNet maps {unet.in_channels} '
+                      f'to {unet.out_channels} channels, but the latents have {latent_shape[-1]} '
+                      f'(autoencoder.kind={config.autoencoder.kind}); use the autoencoder it was trained with')
+    model = diffusers_adapter.PretrainedCondUNet(unet, cond_dim=cond_dim, num_cond_tokens=cfg.num_cond_tokens,
+                                                 dtype=dtype)
 
     def init_params(key):
       return diffusers_adapter.init_pretrained_cond_unet(model, unet_params, key)['params']
   else:
-    model = build_cond_unet(cfg, channels=latent_shape[-1], cond_dim=cond_dim, dtype=runtime.compute_dtype(config))
+    model = build_cond_unet(cfg, channels=latent_shape[-1], cond_dim=cond_dim, dtype=dtype)
     init_params = linen_init(model, jax.ShapeDtypeStruct((1, *latent_shape), 'float32'),
                              jax.ShapeDtypeStruct((1,), 'int32'), jax.ShapeDtypeStruct((1, cond_dim), 'float32'),
                              jax.ShapeDtypeStruct((1,), 'bool'))
   alphas = jnp.asarray(schedule(config).alphas_cumprod)
   return Task(
       name='diffusion', model=model, init_params=init_params,
-      loss_fn=functools.partial(loss_fn, model, float(cfg.cond_dropout), alphas),
-      optimizer=make_optimizer(cfg.learning_rate, cfg.steps, config.train), num_steps=int(cfg.steps),
+      loss_fn=functools.partial(loss_fn, model, float(cfg.cond_dropout), alphas,
+                                prediction.check(cfg.prediction_type)),
+      optimizer=finetune_optimizer(make_optimizer(cfg.learning_rate, cfg.steps, config.train),
+                                   cfg.finetune if cfg.pretrained_unet_path else 'full'),
+      num_steps=int(cfg.steps),
       batch_size=int(cfg.batch_size), checkpoint='diffusion', rng=named_rng(config.seed, 'diffusion'),
       ema_decay=float(config.train.ema_decay), learning_rate_field='diffusion.learning_rate')
 

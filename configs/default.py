@@ -119,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # What the UNet predicts: epsilon (eq. 7) | v_prediction (SD 2.x) | pretrained (the scheduler config's)
       prediction_type='epsilon',
       finetune='full',  # a pretrained UNet: full | attention (only its attention blocks + the z_dom projection)
+      # none (eq. 7: D(x_t, t, z_dom)) | pseudo_labels (D also sees the label map: trained with the student's
+      # pseudo-labels of the target images, sampled with the given mask; sampling/mask_condition.py)
+      mask_condition='none',
       steps=4000,
       batch_size=64,
       learning_rate=2e-4,
@@ -150,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_masks=placeholder(int),
       batch_size=64,
       shard_size=256,  # pairs per atomically written output shard
+      writer_queue=2,  # finished shards waiting for the background writer before sampling waits for it
       clip_x0=placeholder(float),  # None: 1.0 in pixel space (images in [-1, 1]), no clipping for latents
   )
 

@@ -28,7 +28,7 @@ from diffuseg_jax.models.cond_unet import COND_MODES
 from diffuseg_jax.models.latent import KINDS
 from diffuseg_jax.options import parse_names
 from diffuseg_jax.run_identity import SELF_TRAINED
-from diffuseg_jax.sampling import prediction, schedules
+from diffuseg_jax.sampling import mask_condition, prediction, schedules
 from diffuseg_jax.sampling.blend import BLEND_MODES, LATENT_MASKS
 from diffuseg_jax.sampling.sampler import SamplerSettings
 from diffuseg_jax.stages import autoencoder, diffusion, segment, teacher
@@ -43,6 +43,7 @@ CHOICES = {
     'autoencoder.kind': KINDS,
     'diffusion.schedule': schedules.SCHEDULES,
     'diffusion.cond_mode': COND_MODES,
+    'diffusion.mask_condition': mask_condition.MASK_CONDITIONS,
     'diffusion.prediction_type': prediction.PREDICTION_TYPES,
     'diffusion.finetune': stable_diffusion.FINETUNE,
     'sampling.blend_mode': BLEND_MODES,
@@ -55,7 +56,7 @@ CHOICES = {
 POSITIVE_INTS = (
     'data.image_size', 'vae.teacher_steps', 'vae.student_steps', 'vae.batch_size', 'autoencoder.steps',
     'autoencoder.batch_size', 'diffusion.steps', 'diffusion.batch_size', 'diffusion.num_timesteps',
-    'sampling.num_steps', 'sampling.batch_size', 'sampling.shard_size', 'segmentation.steps',
+    'sampling.num_steps', 'sampling.batch_size', 'sampling.shard_size', 'sampling.writer_queue', 'segmentation.steps',
     'segmentation.batch_size', 'segmentation.select_every', 'eval.batch_size', 'checkpoint.every_steps',
     'checkpoint.max_to_keep', 'checkpoint.preemption_check_every',
     'train.log_every',
@@ -197,6 +198,10 @@ def _check_sizes(config) -> None:
       raise ConfigError(f'config.{key}={levels}: data.image_size={size} is not divisible by 2^{levels} = '
                         f'{2**levels}; use an image size that is a multiple of {2**levels} or fewer levels')
   a, d = config.autoencoder, config.diffusion
+  if d.pretrained_unet_path and d.mask_condition != 'none':
+    raise ConfigError(f'config.diffusion.mask_condition={d.mask_condition!r} adds input channels to the denoiser, '
+                      'which a pretrained UNet (diffusion.pretrained_unet_path) does not have; use '
+                      "mask_condition='none' with it")
   if a.kind == 'pretrained' or d.pretrained_unet_path:
     return  # the latent shape, or the UNet, is known once its weights are loaded
   latent = size // a.downsample if a.kind == 'kl' else size
@@ -245,7 +250,7 @@ def check_networks(config, spec: DataSpec) -> None:
     if config.autoencoder.kind != 'pretrained':  # a pretrained autoencoder's latent shape is known once loaded
       h, w = spec.image_size
       with config_section('diffusion'):
-        checks.append(('diffusion', diffusion.task(config, (h // f, w // f, channels))))
+        checks.append(('diffusion', diffusion.task(config, (h // f, w // f, channels), spec.num_classes)))
   for section, task in checks:
     with config_section(section):
       jax.eval_shape(task.init_params, task.rng)

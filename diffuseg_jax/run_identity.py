@@ -35,10 +35,10 @@ FORMAT = 1
 
 # Config fields that never change a result: left out of every fingerprint.
 NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 'sampling.batch_size',
-         'eval.batch_size', 'eval.num_figure_examples')
+         'sampling.writer_queue', 'eval.batch_size', 'eval.num_figure_examples')
 # Fields added after workdirs existed, at the value that does what runs did before the field: left out of the
 # fingerprint at that value, so adding them recomputes nothing.
-NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full'}
+NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none'}
 COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.
 STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.alpha', 'vae.lam', 'vae.dist',

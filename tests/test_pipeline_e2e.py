@@ -160,6 +160,11 @@ def test_changed_sampling_fields_redo_synthesis_and_what_follows(finished_run, t
   assert 'sampling.guidance_scale: 1.0 -> 3.0; sampling.mask_set: source -> test' in out and 'plan: teacher' in out
   metrics = json.load(open(os.path.join(wd, 'metrics.json')))
   assert metrics['synthesize']['guidance_scale'] == 3.0
+  speed = metrics['synthesize']
+  assert speed['sampler_images_per_second'] > 0 and speed['writer_busy_seconds'] > 0
+  if speed['stage_images_per_second'] is not None:  # more than one batch
+    ratio = speed['stage_images_per_second'] / speed['sampler_images_per_second']
+    assert speed['stage_vs_sampler'] == pytest.approx(ratio)
   assert metrics['synthesize']['fingerprint'] == ctx.fingerprint('synthesize') == metrics['fingerprints']['synthesize']
   strategies = metrics['evaluate']['strategies']
   assert strategies['diffuseg']['per_seed'][0]['fingerprint'] == ctx.fingerprint('evaluate/diffuseg_seed0')
@@ -179,6 +184,32 @@ def test_added_seed_trains_and_evaluates_only_that_seed(finished_run, tmp_path):
   metrics = json.load(open(os.path.join(wd, 'metrics.json')))
   assert metrics['evaluate']['strategies']['diffuseg']['seeds'] == [0, 1]
   assert '| 2 |' in open(os.path.join(wd, 'report.md')).read()  # the seeds column
+
+
+def test_mask_conditioned_denoiser_retrains_diffusion_and_sees_the_label(finished_run, tmp_path):
+  """diffusion.mask_condition=pseudo_labels: the denoiser (input: latent + K-1 label channels) and what
+  follows it are redone, the FFD-VAE reused; its output depends on the label channels; the mask region is
+  still pasted exactly (hard blend to the last step)."""
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  ctx = pipeline.run(_config(**{'diffusion.mask_condition': 'pseudo_labels'}), wd, show_progress=False)
+  new, touched = _changes(before, _snapshot(wd))
+  assert new == {'diffusion', 'synthesize', 'segment/diffuseg_seed0', 'segment/semi_seed0',
+                 'evaluate/diffuseg_seed0', 'evaluate/semi_seed0', 'quality'}
+  assert touched == set()
+  from diffuseg_jax.stages import diffusion
+
+  model, params, codec = diffusion.load(ctx)
+  c, k = finished_run.data.channels, finished_run.data.num_classes
+  assert params['conv_in']['kernel'].shape[2] == c + k - 1
+  h, w = finished_run.data.image_size
+  x = np.random.default_rng(0).standard_normal((1, h, w, c)).astype(np.float32)
+  z = np.zeros((1, finished_run.config.vae.z_dom_dim), np.float32)
+  t = np.full((1,), 500, np.int32)
+  outs = [model.apply({'params': params}, np.concatenate([x, np.full((1, h, w, k - 1), v, np.float32)], -1), t, z)
+          for v in (0.0, 1.0)]
+  assert float(np.abs(outs[0] - outs[1]).max()) > 1e-4  # the label channels change what it predicts
+  assert ctx.read_results()['synthesize']['region_max_abs_error_latent'] < 1e-4
 
 
 def test_changed_network_shape_retrains_it_and_switching_back_trains_nothing(finished_run, tmp_path, capsys):

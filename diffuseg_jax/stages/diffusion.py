@@ -24,7 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from diffuseg_jax import inference, losses, runtime, stable_diffusion
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.cond_unet import build_cond_unet
-from diffuseg_jax.sampling import prediction, schedules
+from diffuseg_jax.sampling import mask_condition, prediction, schedules
 from diffuseg_jax.stages import autoencoder, student
 from diffuseg_jax.train.state import make_optimizer
 from diffuseg_jax.train.task import Task, linen_init, named_rng
@@ -35,12 +35,20 @@ def schedule(config) -> schedules.Schedule:
   return schedules.make_schedule(c.schedule, c.num_timesteps, c.beta_start, c.beta_end)
 
 
-def denoising_loss(model, alphas_cumprod, params, x0, z_dom, t, noise, drop, prediction_type='epsilon'):
+def denoising_loss(model, alphas_cumprod, params, x0, z_dom, t, noise, drop, prediction_type='epsilon',
+                   label_channels=None):
   """Eq. 7 for given timesteps t [B], noise (x0's shape) and condition-dropout flags drop [B]: the mean
-  squared error to the noise (epsilon) or to v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (v_prediction)."""
+  squared error to the noise (epsilon) or to v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (v_prediction).
+  label_channels [B, h, w, K-1] (a mask-conditioned denoiser, sampling/mask_condition.py) join x_t's input."""
   x_t = schedules.q_sample(x0, t, noise, alphas_cumprod)
   target = prediction.training_target(x0, noise, jnp.asarray(alphas_cumprod, jnp.float32)[t], prediction_type)
-  return losses.diffusion_loss(target, model.apply({'params': params}, x_t, t, z_dom, drop))
+
+  def apply(x, t, z, drop):
+    return model.apply({'params': params}, x, t, z, drop)
+
+  if label_channels is not None:
+    apply = mask_condition.conditioned(apply, label_channels)
+  return losses.diffusion_loss(target, apply(x_t, t, z_dom, drop))
 
 
 def loss_fn(model, cond_dropout, alphas_cumprod, prediction_type, params, batch, rng, frozen):
@@ -52,7 +60,8 @@ def loss_fn(model, cond_dropout, alphas_cumprod, prediction_type, params, batch,
   t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
   noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
   drop = jax.random.bernoulli(k_drop, cond_dropout, (b,))
-  return denoising_loss(model, alphas_cumprod, params, x0, batch['z_dom'], t, noise, drop, prediction_type), {}
+  return denoising_loss(model, alphas_cumprod, params, x0, batch['z_dom'], t, noise, drop, prediction_type,
+                        batch.get('label_channels')), {}
 
 
 def finetune_optimizer(optimizer: optax.GradientTransformation, finetune: str) -> optax.GradientTransformation:
@@ -69,10 +78,12 @@ def finetune_optimizer(optimizer: optax.GradientTransformation, finetune: str) -
   return optax.multi_transform({'train': optimizer, 'frozen': optax.set_to_zero()}, labels)
 
 
-def task(config, latent_shape: tuple[int, int, int]) -> Task:
+def task(config, latent_shape: tuple[int, int, int], num_classes: int = 2) -> Task:
   """The denoiser on latents [h, w, c]. With diffusion.pretrained_unet_path, a local diffusers Flax UNet
-  (fine-tuned here, its weights the starting point) behind a z_dom token projection."""
+  (fine-tuned here, its weights the starting point) behind a z_dom token projection. With
+  diffusion.mask_condition, its input also has the K-1 label channels (`num_classes` K)."""
   cfg, cond_dim = config.diffusion, config.vae.z_dom_dim
+  extra = mask_condition.num_channels(cfg.mask_condition, num_classes)
   dtype = runtime.compute_dtype(config)
   if cfg.pretrained_unet_path:
     from diffuseg_jax.models import diffusers_adapter
@@ -89,7 +100,8 @@ def task(config, latent_shape: tuple[int, int, int]) -> Task:
       return diffusers_adapter.init_pretrained_cond_unet(model, unet_params, key)['params']
   else:
     model = build_cond_unet(cfg, channels=latent_shape[-1], cond_dim=cond_dim, dtype=dtype)
-    init_params = linen_init(model, jax.ShapeDtypeStruct((1, *latent_shape), 'float32'),
+    input_shape = (1, *latent_shape[:-1], latent_shape[-1] + extra)
+    init_params = linen_init(model, jax.ShapeDtypeStruct(input_shape, 'float32'),
                              jax.ShapeDtypeStruct((1,), 'int32'), jax.ShapeDtypeStruct((1, cond_dim), 'float32'),
                              jax.ShapeDtypeStruct((1,), 'bool'))
   alphas = jnp.asarray(schedule(config).alphas_cumprod)
@@ -123,7 +135,7 @@ def units(ctx) -> list[str]:
 def load(ctx):
   """(model, EMA params, codec) of the finished diffusion stage."""
   codec = autoencoder.load_codec(ctx)
-  t = task(ctx.config, latent_shape(ctx, codec))
+  t = task(ctx.config, latent_shape(ctx, codec), ctx.data.num_classes)
   return t.model, ctx.load(t), codec
 
 
@@ -132,6 +144,17 @@ def run(ctx) -> None:
   images = ctx.data.target.images
   z_dom = domain_codes(ctx, images)
   latents = autoencoder.encode_images(ctx, codec, images)
-  ctx.train(task(ctx.config, latent_shape(ctx, codec)),
-            {'latent': latents.astype(np.float32), 'z_dom': z_dom.astype(np.float32)},
+  arrays = {'latent': latents.astype(np.float32), 'z_dom': z_dom.astype(np.float32)}
+  if ctx.config.diffusion.mask_condition == 'pseudo_labels':
+    arrays['label_channels'] = mask_condition.label_channels(pseudo_labels(ctx, images), ctx.data.num_classes,
+                                                             codec.downsample)
+  ctx.train(task(ctx.config, latent_shape(ctx, codec), ctx.data.num_classes), arrays,
             augment=ctx.config.diffusion.augment)
+
+
+def pseudo_labels(ctx, images: np.ndarray, student_model=None) -> np.ndarray:
+  """[N, H, W] int32: the student's segmentation of target images (what a mask-conditioned denoiser learns
+  the target appearance of each class from)."""
+  model, params = student_model or student.load(ctx)
+  return np.asarray(inference.batched_apply(functools.partial(inference.ffd_vae_labels, model=model), images,
+                                            ctx.config.eval.batch_size, ctx.mesh, args=(params,)), np.int32)

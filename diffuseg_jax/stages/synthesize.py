@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import time
 
@@ -37,11 +38,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from diffuseg_jax import figures, inference, logs, synthetic_io
+from diffuseg_jax import figures, logs, synthetic_io
+from diffuseg_jax.background_writer import BackgroundWriter
 from diffuseg_jax.data import export
 from diffuseg_jax.errors import ConfigError, DataError
-from diffuseg_jax.inference import batched_apply
-from diffuseg_jax.sampling import synthesis
+from diffuseg_jax.sampling import mask_condition, synthesis
 from diffuseg_jax.sampling.sampler import SamplerSettings
 from diffuseg_jax.stages import diffusion, student
 
@@ -126,13 +127,8 @@ def class_appearance(ctx, student) -> dict[str, np.ndarray]:
   'image_mean'/'image_std' [N, K, C]: the statistics within each target image (its own appearance), falling
   back to 'mean'/'std' [K, C] (over all target images) where the image has < MIN_CLASS_PIXELS of a class.
   """
-  model, params = student
   images = ctx.data.target.images
-  k = ctx.data.num_classes
-
-  labels = batched_apply(functools.partial(inference.ffd_vae_labels, model=model), images,
-                         ctx.config.eval.batch_size, ctx.mesh, args=(params,))
-  return appearance_statistics(images, labels, k)
+  return appearance_statistics(images, diffusion.pseudo_labels(ctx, images, student), ctx.data.num_classes)
 
 
 def appearance_statistics(images: np.ndarray, labels: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -201,40 +197,67 @@ def run(ctx) -> None:
   host = jax.tree.map(np.asarray, jax.device_get((unet_params, codec)))
   unet_params, codec = jax.device_put(host, repl)
   # The schedule is bound as a constant (as the sampler was first measured); params and data are arguments.
+  conditioned = ctx.config.diffusion.mask_condition != 'none'
   synthesise = jax.jit(functools.partial(synthesis.synthesize, unet, settings, alphas),
-                       in_shardings=(repl, repl, repl, rows, rows, rows), out_shardings=(rows, rows))
+                       in_shardings=(repl, repl, repl, rows, rows, rows) + ((rows,) if conditioned else ()),
+                       out_shardings=(rows, rows))
 
-  mine = [k for k in range(shards) if k % jax.process_count() == jax.process_index()]
-  todo = [k for k in mine if not synthetic_io.shard_done(root, k)]
+  todo = shards_of_this_process(root, shards)
   base_key = ctx.rng('synthesize')
+
+  def batches():
+    """(shard, its synthesis indices, batch rows, device inputs) in order, built while the device samples."""
+    for k in todo:
+      idx = np.arange(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(plan)))
+      for b, start in enumerate(range(0, len(idx), batch_size)):
+        sel = idx[start:start + batch_size]
+        pad = np.concatenate([sel, np.full(batch_size - len(sel), sel[-1])])
+        m = masks[plan[pad]]
+        rng = np.random.default_rng([ctx.config.seed, k, b])
+        region = render_regions(m, cfg.region_content, appearance, data.num_classes, data.channels, rng,
+                                refs[pad])
+        blend_mask = (m > 0) if cfg.mask_union else np.ones_like(m, bool)
+        key = jax.random.fold_in(jax.random.fold_in(base_key, k), b)
+        inputs = (unet_params, codec, key, jax.device_put(region, rows),
+                  jax.device_put(blend_mask.astype(np.float32), rows), jax.device_put(z_dom_all[refs[pad]], rows))
+        if conditioned:  # the denoiser sees the given label map (diffusion.mask_condition)
+          inputs += (jax.device_put(mask_condition.label_channels(m, data.num_classes, codec.downsample), rows),)
+        yield k, idx, sel, inputs
+
   bar = tqdm(total=sum(len(range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(plan)))) for k in todo),
              desc='synthesize', disable=not ctx.show_progress, dynamic_ncols=True)
-  max_err, t0, done_images = 0.0, time.perf_counter(), 0
-  for k in todo:
-    idx = np.arange(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(plan)))
-    out_images, errs = [], []
-    for b, start in enumerate(range(0, len(idx), batch_size)):
-      sel = idx[start:start + batch_size]
-      pad = np.concatenate([sel, np.full(batch_size - len(sel), sel[-1])])
-      m = masks[plan[pad]]
-      rng = np.random.default_rng([ctx.config.seed, k, b])
-      region = render_regions(m, cfg.region_content, appearance, data.num_classes, data.channels, rng,
-                              refs[pad])
-      blend_mask = (m > 0) if cfg.mask_union else np.ones_like(m, bool)
-      key = jax.random.fold_in(jax.random.fold_in(base_key, k), b)
-      images, err = synthesise(unet_params, codec, key, jax.device_put(region, rows),
-                               jax.device_put(blend_mask.astype(np.float32), rows),
-                               jax.device_put(z_dom_all[refs[pad]], rows))
-      out_images.append(np.asarray(images)[: len(sel)])
-      errs.append(np.asarray(err)[: len(sel)])
-      done_images += len(sel)
-      bar.update(len(sel))
-      bar.set_postfix(img_s=f'{done_images / (time.perf_counter() - t0):.1f}')
-    max_err = max(max_err, float(np.max(np.concatenate(errs))))
-    synthetic_io.write_shard(root, k, np.concatenate(out_images), masks[plan[idx]], idx, plan[idx], refs[idx],
-                             mask_spacing(ctx, plan[idx]), data.image_format)
+  timing = StageTiming()
+  buffers: dict[int, tuple[list, list]] = {}
+  last_inputs = None
+  # One batch is always in flight: batch i + 1 is dispatched (JAX runs it asynchronously) before batch i is
+  # copied back, and finished shards are written by a background thread, so the device never waits for
+  # region rendering, the copy or the files.
+  with BackgroundWriter(depth=cfg.writer_queue) as writer:
+    in_flight = None
+    for item in itertools.chain(batches(), [None]):
+      launched = None
+      if item is not None:
+        k, idx, sel, inputs = item
+        launched = (k, idx, sel, synthesise(*inputs))
+        last_inputs = inputs
+      if in_flight is not None:
+        k0, idx0, sel0, (images, err) = in_flight
+        images, err = np.asarray(images)[: len(sel0)], np.asarray(err)[: len(sel0)]
+        timing.batch_done(len(sel0))
+        bar.update(len(sel0))
+        bar.set_postfix(img_s=f'{timing.images / timing.elapsed():.1f}')
+        out_images, errs = buffers.setdefault(k0, ([], []))
+        out_images.append(images)
+        errs.append(err)
+        if sel0[-1] == idx0[-1]:  # the shard's last batch: hand it to the writer
+          del buffers[k0]
+          timing.max_err = max(timing.max_err, float(np.max(np.concatenate(errs))))
+          writer.submit(synthetic_io.write_shard, root, k0, np.concatenate(out_images), masks[plan[idx0]], idx0,
+                        plan[idx0], refs[idx0], mask_spacing(ctx, plan[idx0]), data.image_format)
+      in_flight = launched
   bar.close()
-  elapsed = time.perf_counter() - t0
+  timing.finish(writer)
+  sampler_rate = bare_sampler_rate(synthesise, last_inputs, batch_size) if last_inputs is not None else None
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('synthesize: all shards written')
   if not ctx.is_main_process:
@@ -249,12 +272,12 @@ def run(ctx) -> None:
   nnunet_dir = export_nnunet(ctx) if data.image_format == 'nifti' else None
   result = {
       'num_images': count,
-      'images_per_second_this_run': (done_images / elapsed) if done_images else None,
+      **timing.summary(sampler_rate),
       'region_content': cfg.region_content, 'blend_mode': cfg.blend_mode, 'blend_until': cfg.blend_until,
       'num_steps': cfg.num_steps, 'eta': cfg.eta, 'guidance_scale': cfg.guidance_scale,
       # Largest |x_0 - r(m)| inside the blended region (latent space, this run's shards): 0 up to float
       # rounding for hard blending with blend_until = 1, where the method pastes r(m) at the last step.
-      'region_max_abs_error_latent': max_err if done_images else None,
+      'region_max_abs_error_latent': timing.max_err if timing.images else None,
   }
   if nnunet_dir is not None:
     result['nnunet_dataset'] = os.path.join('synthetic', os.path.relpath(nnunet_dir, root))
@@ -272,6 +295,68 @@ def run(ctx) -> None:
   logs.say(f'[synthesize] {count} images in {root}')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('synthesize: manifest merged')
+
+
+def shards_of_this_process(root: str, num: int) -> list[int]:
+  """The unfinished shards this process samples: the unfinished ones dealt round-robin over the processes.
+
+  Every process lists the finished shards before any of them writes one (a barrier), so they agree on the
+  list, and a resumed job spreads what is left evenly (dealing all shards by k mod P would leave a process
+  idle when the finished ones were mostly its own). Counts differ by at most one shard between processes.
+  """
+  todo = [k for k in range(num) if not synthetic_io.shard_done(root, k)]
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('synthesize: unfinished shards listed')
+  return todo[jax.process_index()::jax.process_count()]
+
+
+@dataclasses.dataclass
+class StageTiming:
+  """Images/s of the whole stage (sampling, copying back, writing files) after its first batch, which holds
+  the compilation; `images_per_second_this_run` counts everything."""
+  start: float = dataclasses.field(default_factory=time.perf_counter)
+  first_batch_done: float | None = None
+  images: int = 0
+  images_after_first: int = 0
+  end: float | None = None
+  max_err: float = 0.0
+  writer_busy_seconds: float = 0.0
+  writer_wait_seconds: float = 0.0
+
+  def elapsed(self) -> float:
+    return max(time.perf_counter() - self.start, 1e-9)
+
+  def batch_done(self, n: int) -> None:
+    if self.first_batch_done is None:
+      self.first_batch_done = time.perf_counter()
+    else:
+      self.images_after_first += n
+    self.images += n
+
+  def finish(self, writer: BackgroundWriter) -> None:
+    self.end = time.perf_counter()  # after the writer has written the last shard
+    self.writer_busy_seconds, self.writer_wait_seconds = writer.busy_seconds, writer.wait_seconds
+
+  def summary(self, sampler_rate: float | None) -> dict:
+    steady = None
+    if self.images_after_first and self.first_batch_done is not None:
+      steady = self.images_after_first / max(self.end - self.first_batch_done, 1e-9)
+    return {
+        'images_per_second_this_run': self.images / (self.end - self.start) if self.images else None,
+        'stage_images_per_second': steady,
+        'sampler_images_per_second': sampler_rate,
+        'stage_vs_sampler': (steady / sampler_rate) if steady and sampler_rate else None,
+        'writer_busy_seconds': round(self.writer_busy_seconds, 3),
+        'writer_wait_seconds': round(self.writer_wait_seconds, 3),
+    }
+
+
+def bare_sampler_rate(synthesise, inputs, batch_size: int) -> float:
+  """Images/s of the compiled synthesis program alone (sample + decode, no host work), timed on one more
+  call with the last batch's inputs: what the stage would give if rendering, copies and writing were free."""
+  start = time.perf_counter()
+  jax.block_until_ready(synthesise(*inputs))
+  return batch_size / max(time.perf_counter() - start, 1e-9)
 
 
 def _missing_shards(root: str, num: int, wait_s: float) -> list[int]:

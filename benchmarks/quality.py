@@ -1,7 +1,11 @@
 """The quality benchmark: DiffuSeg against transfer and the oracle on several cross-domain settings.
 
   python -m benchmarks.quality [--preset=cpu|smoke] [--settings=mnist_m,multiclass,dense_tissue,thin_vessels]
-                               [--workdir=runs/quality] [--seeds=0,1,2]
+                               [--workdir=runs/quality] [--seeds=0,1,2] [--set FIELD=VALUE ... --label NAME]
+
+`--set` changes a config field of every setting (a candidate improvement, e.g. `--set
+diffusion.mask_condition=pseudo_labels`); in the same --workdir only what it changes is recomputed (the
+FFD-VAE, transfer and the oracle are reused), and `--label` names its summary file and table.
 
 Settings: the embedded MNIST -> MNIST-M-style set (configs/mnist_m.py), and three generated ones
 (benchmarks/quality_data.py: a multi-class anatomy-like phantom, dense brain-like tissue classes with a
@@ -20,6 +24,7 @@ in a few minutes (it checks the harness, its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import pathlib
@@ -35,7 +40,32 @@ GENERATED = {
 }
 
 
-def setting_config(name: str, preset: str, data_root: str | None, seeds: tuple[int, ...]):
+def parse_overrides(items: list[str]) -> dict[str, object]:
+  """['a.b=1', 'c.d=x'] -> {'a.b': 1, 'c.d': 'x'} (values read as Python literals where they are one)."""
+  out = {}
+  for item in items:
+    key, sep, raw = item.partition('=')
+    if not sep or not key:
+      raise ValueError(f'--set {item!r}: expected FIELD=VALUE, e.g. diffusion.mask_condition=pseudo_labels')
+    try:
+      out[key.strip()] = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = raw
+  return out
+
+
+def apply_overrides(config, overrides: dict[str, object]) -> None:
+  for key, value in overrides.items():
+    *path, field = key.split('.')
+    node = config
+    for part in path:
+      node = node[part]
+    if field not in node:
+      raise KeyError(f'--set {key}: the config has no field {key}')
+    node[field] = value
+
+
+def setting_config(name: str, preset: str, data_root: str | None, seeds: tuple[int, ...], overrides=None):
   """The run config of one setting: the embedded preset for mnist_m, the same sizes on generated folders."""
   from diffuseg_jax.config_files import load_config
 
@@ -50,10 +80,11 @@ def setting_config(name: str, preset: str, data_root: str | None, seeds: tuple[i
                        empty_slices='drop_source')
   config.segmentation.update(strategies=','.join(STRATEGIES), seeds=tuple(seeds))
   config.train.progress = False
+  apply_overrides(config, overrides or {})
   return config
 
 
-def run_setting(name: str, preset: str, workdir: pathlib.Path, seeds: tuple[int, ...]) -> dict:
+def run_setting(name: str, preset: str, workdir: pathlib.Path, seeds: tuple[int, ...], overrides=None) -> dict:
   """Runs (or resumes) one setting; returns metrics.json['evaluate']['strategies'] and the wall time."""
   from benchmarks import quality_data
   from diffuseg_jax import pipeline
@@ -64,7 +95,7 @@ def run_setting(name: str, preset: str, workdir: pathlib.Path, seeds: tuple[int,
     data_root = workdir / 'data' / f'{name}_{preset}'
     if not (data_root / 'labels.json').exists():
       quality_data.write_setting(name, data_root, counts, size, seed=0)
-  config = setting_config(name, preset, data_root, seeds)
+  config = setting_config(name, preset, data_root, seeds, overrides)
   start = time.perf_counter()
   ctx = pipeline.run(config, str(workdir / f'{name}_{preset}'), show_progress=False)
   strategies = ctx.read_results()['evaluate']['strategies']
@@ -119,7 +150,14 @@ def main(argv=None) -> dict:
   p.add_argument('--settings', default=','.join(SETTINGS))
   p.add_argument('--workdir', default='runs/quality')
   p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='a config field for every setting (repeatable): a candidate improvement')
+  p.add_argument('--label', default='', help='names the summary file of a --set run: summary_<preset>_<label>.json')
   args = p.parse_args(argv)
+  try:
+    overrides = parse_overrides(args.set)
+  except ValueError as e:
+    p.error(str(e))
   names = [s.strip() for s in args.settings.split(',') if s.strip()]
   unknown = [s for s in names if s not in SETTINGS]
   if unknown or not names:
@@ -133,11 +171,15 @@ def main(argv=None) -> dict:
   results = {}
   for name in names:
     print(f'== {name} ({args.preset}) ==', flush=True)
-    results[name] = run_setting(name, args.preset, workdir, seeds)
+    results[name] = run_setting(name, args.preset, workdir, seeds, overrides)
     print(f'== {name}: {results[name]["seconds"] / 60:.1f} min', flush=True)
   summary = summarise(results)
-  (workdir / f'summary_{args.preset}.json').write_text(
-      json.dumps({'preset': args.preset, 'seeds': seeds, 'results': results, 'summary': summary}, indent=1) + '\n')
+  label = f'_{args.label}' if args.label else ''
+  (workdir / f'summary_{args.preset}{label}.json').write_text(json.dumps(
+      {'preset': args.preset, 'seeds': seeds, 'overrides': overrides, 'results': results, 'summary': summary},
+      indent=1) + '\n')
+  if overrides:
+    print('overrides: ' + ', '.join(f'{k}={v!r}' for k, v in overrides.items()))
   print('\n'.join(table(results)))
   print(summary_line(summary), flush=True)
   return summary

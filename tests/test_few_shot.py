@@ -78,7 +78,7 @@ def test_pipeline_reaches_evaluate_with_two_target_images(few_shot_run):
   assert quality['num_images'] == NUM_TARGET
   for key in ('fd_synthetic_vs_target', 'kid_synthetic_vs_target', 'fd_source_vs_target'):
     assert quality[key] is None and 'needs at least' in quality['not_computed'][key]
-  assert quality['mbs_synthetic_vs_reference'] >= 0.0  # a per-pair mean: defined for 2 pairs
+  assert quality['background_distance_to_reference'] >= 0.0  # a per-pair mean: defined for 2 pairs
 
 
 def test_report_says_how_many_target_images(few_shot_run):

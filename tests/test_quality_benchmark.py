@@ -72,3 +72,14 @@ def test_summary_means_over_settings():
   assert s['st_minus_transfer'] == pytest.approx(0.3) and s['st_frac_of_oracle'] == pytest.approx(0.875)
   assert quality.summary_line(s) == ('diffuseg_minus_transfer=0.050 frac_of_oracle=0.775 st_minus_transfer=0.300 '
                                      'st_frac_of_oracle=0.875 settings=2')
+
+
+def test_overrides_reach_the_setting_config(tmp_path):
+  overrides = quality.parse_overrides(['diffusion.mask_condition=pseudo_labels', 'sampling.blend_until=0.5'])
+  assert overrides == {'diffusion.mask_condition': 'pseudo_labels', 'sampling.blend_until': 0.5}
+  config = quality.setting_config('dense_tissue', 'smoke', str(tmp_path), (0,), overrides)
+  assert config.diffusion.mask_condition == 'pseudo_labels' and config.sampling.blend_until == 0.5
+  with pytest.raises(KeyError, match='no field'):
+    quality.setting_config('dense_tissue', 'smoke', str(tmp_path), (0,), {'sampling.blend_unti': 0.5})
+  with pytest.raises(ValueError, match='FIELD=VALUE'):
+    quality.parse_overrides(['sampling.blend_until'])

@@ -8,7 +8,7 @@ metrics.json["evaluate"] (a stable shape for scripts):
      case_std = mean over seeds of the std over cases. HD/HD95 in mm for medical data, pixels otherwise.
   image_quality: {feature_network, num_images, fd_synthetic_vs_target, kid_synthetic_vs_target (mean, std),
                   fd_source_vs_target (the domain gap before synthesis), fd_target_vs_target_test (floor),
-                  mbs_synthetic_vs_reference, not_computed: {key: reason}}
+                  background_distance_to_reference, not_computed: {key: reason}}
      a statistic that needs more images than there are (image_quality.MIN_IMAGES_PER_SET per set for FD and
      KID; a few-shot target) is None, its reason in not_computed.
      Every per-seed summary and image_quality carry the fingerprint of the unit that produced them.
@@ -216,7 +216,7 @@ def image_quality_results(ctx) -> dict:
   mbs = image_quality.background_similarity_per_pair(synth['image'][pick], refs, synth['label'][pick], ref_labels)
   mbs = mbs[~np.isnan(mbs)]
   if not mbs.size:
-    not_computed['mbs_synthetic_vs_reference'] = 'not computed: no pair has background outside both foregrounds'
+    not_computed['background_distance_to_reference'] = 'not computed: no pair has background outside both foregrounds'
   return {
       'feature_network': extractor.name,
       'num_images': int(n),
@@ -225,7 +225,7 @@ def image_quality_results(ctx) -> dict:
       'kid_synthetic_vs_target_std': kid_std,
       'fd_source_vs_target': fd('fd_source_vs_target', f_src, f_real),
       'fd_target_vs_target_test': fd('fd_target_vs_target_test', f_test, f_real),
-      'mbs_synthetic_vs_reference': float(mbs.mean()) if mbs.size else None,
+      'background_distance_to_reference': float(mbs.mean()) if mbs.size else None,
       'not_computed': not_computed,
   }
 

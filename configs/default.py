@@ -12,7 +12,7 @@ Variants, shared by the dataset configs (`quick` and `gpu` below; each dataset a
          with --config.data.name/root): fewer steps, smaller networks, at most data.max_cases subjects per
          split, one segmentation seed;
   gpu    the sizes for a real run on a GPU: long training (diffusion 30k steps, segmentation 5k), batches of
-         128, wider networks; float32 (--config.train.compute_dtype=bfloat16 is yours to add);
+         128, wider networks; train.compute_dtype=auto (bfloat16 for the FFD-VAE on a GPU, float32 elsewhere);
   sd     the paper's Stable Diffusion route from a local folder, --config.sd_path=DIR (diffusers Flax layout:
          vae/, unet/, scheduler/): its VAE as the latent space, its UNet as the denoiser, its schedule.
 """
@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # FFD-VAE (paper section III-B, eq. 1-6).
   c.vae = d(
+      compute_dtype='inherit',  # this network's: inherit (train.compute_dtype) | float32 | bfloat16
       base_channels=32,
       levels=2,  # downsampling levels of the encoders: z_seg is (H / 2^levels, W / 2^levels, z_seg_channels)
       z_seg_channels=8,
@@ -87,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Latent space of the diffusion model (stage `autoencoder`).
   c.autoencoder = d(
+      compute_dtype='inherit',  # this network's: inherit (train.compute_dtype) | float32 | bfloat16
       kind='identity',  # identity (pixel space) | kl (trained here) | pretrained (local diffusers Flax dir)
       path=placeholder(str),  # local directory of a diffusers FlaxAutoencoderKL, for kind='pretrained'
       downsample=4,  # spatial factor f for kind='kl' (power of two)
@@ -101,6 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Conditional diffusion UNet D(x_t, t, z_dom) (eq. 7).
   c.diffusion = d(
+      compute_dtype='inherit',  # this network's: inherit (train.compute_dtype) | float32 | bfloat16
       # linear | scaled_linear | cosine | pretrained (the scheduler config beside pretrained_unet_path: its
       # schedule, num_timesteps and betas replace the three fields below)
       schedule='linear',
@@ -159,6 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Segmentation UNet and the paper's Table II strategies (stage `segment`).
   c.segmentation = d(
+      compute_dtype='inherit',  # this network's: inherit (train.compute_dtype) | float32 | bfloat16
       base_channels=16,
       levels=3,
       # transfer | self | semi | diffuseg; self and semi train on target labels (folder: <root>/target/labels/).
@@ -186,9 +190,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       warmup_steps=100,
       log_every=50,
       progress=True,  # tqdm progress bars
-      # Activations and matmuls of every network in this dtype; params, optimizer state and losses stay
-      # float32. bfloat16 roughly halves memory traffic on GPUs/TPUs; on CPUs float32 is faster.
-      compute_dtype='float32',  # float32 | bfloat16
+      # Activations and matmuls of every network in this dtype (unless its section sets its own); params,
+      # optimizer state and losses stay float32. auto: bfloat16 on GPUs/TPUs for the networks measured to gain
+      # from it (the FFD-VAE, a pretrained SD UNet), float32 elsewhere and on CPUs (runtime.auto_dtype).
+      compute_dtype='float32',  # float32 | bfloat16 | auto
   )
 
   c.mesh = d(
@@ -228,13 +233,13 @@ def quick(c: ml_collections.ConfigDict) -> None:
 
 
 def gpu(c: ml_collections.ConfigDict) -> None:
-  """The sizes of a real run on one GPU or more (global batches divide by 8 devices); float32."""
+  """The sizes of a real run on one GPU or more (global batches divide by 8 devices); train.compute_dtype=auto."""
   c.vae.update(base_channels=64, teacher_steps=5000, student_steps=5000, batch_size=128)
   c.autoencoder.update(base_channels=64, steps=10000, batch_size=64)
   c.diffusion.update(base_channels=128, steps=30000, batch_size=128)
   c.sampling.update(batch_size=256, shard_size=1024)
   c.segmentation.update(base_channels=32, steps=5000, batch_size=128)
-  c.train.update(warmup_steps=500, log_every=100)
+  c.train.update(warmup_steps=500, log_every=100, compute_dtype='auto')
   c.checkpoint.every_steps = 2000
   c.eval.update(batch_size=256, num_quality_images=2000)
 

@@ -8,7 +8,7 @@
 
 The full run took 25 min on an idle 2-core CPU (fresh clone, install included); quick is the same pipeline
 with fewer steps and smaller batches (a run-through in minutes); gpu trains far longer with batches of 128
-(diffusion 20k steps, segmentation 5k: the sizes for a GPU, float32).
+(diffusion 20k steps, segmentation 5k: the sizes for a GPU, train.compute_dtype=auto).
 Pixel-space diffusion (autoencoder.kind='identity') on 32x32x3 images: at this size a latent autoencoder
 would only lose detail. Networks are sized so that the whole pipeline trains on a laptop CPU; on a GPU use
 the gpu variant (or raise the step counts, e.g. --config.diffusion.steps=20000) for better images.

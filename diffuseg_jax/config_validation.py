@@ -51,7 +51,8 @@ CHOICES = {
     'sampling.region_content': REGION_CONTENTS,
     'sampling.mask_set': MASK_SETS,
     'segmentation.select': ('val', 'last'),
-    'train.compute_dtype': tuple(runtime.COMPUTE_DTYPES),
+    'train.compute_dtype': (*runtime.COMPUTE_DTYPES, runtime.AUTO),
+    **{f'{s}.compute_dtype': (runtime.INHERIT, *runtime.COMPUTE_DTYPES) for s in runtime.DTYPE_SECTIONS},
 }
 POSITIVE_INTS = (
     'data.image_size', 'vae.teacher_steps', 'vae.student_steps', 'vae.batch_size', 'autoencoder.steps',

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from diffuseg_jax import atomic, logs, preflight, report, results, stable_diffusion, units
+from diffuseg_jax import atomic, logs, preflight, report, results, runtime, stable_diffusion, units
 from diffuseg_jax.config_validation import check_networks, parse_stages, validate
 from diffuseg_jax.context import Context
 from diffuseg_jax.stages import STAGES
@@ -33,6 +33,7 @@ def stage_module(name: str):
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True) -> Context:
   stable_diffusion.resolve(config)  # a pretrained schedule's values, before any check or fingerprint
+  runtime.resolve_compute_dtypes(config)  # train.compute_dtype=auto: each network's dtype on this backend
   validate(config)
   selected = parse_stages(config.stages, STAGES)
   ctx = Context(config=config, workdir=workdir, mesh=make_mesh(config.mesh), show_progress=show_progress,

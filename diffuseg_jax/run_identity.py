@@ -38,7 +38,8 @@ NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 's
          'sampling.writer_queue', 'eval.batch_size', 'eval.num_figure_examples')
 # Fields added after workdirs existed, at the value that does what runs did before the field: left out of the
 # fingerprint at that value, so adding them recomputes nothing.
-NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none'}
+NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none',
+           **{f'{s}.compute_dtype': 'inherit' for s in ('vae', 'autoencoder', 'diffusion', 'segmentation')}}
 COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.
 STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.alpha', 'vae.lam', 'vae.dist',

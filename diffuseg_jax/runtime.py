@@ -50,8 +50,44 @@ def configure() -> None:
 
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+AUTO, INHERIT = 'auto', 'inherit'
+# The network sections with their own `compute_dtype` (INHERIT: train.compute_dtype's).
+DTYPE_SECTIONS = ('vae', 'autoencoder', 'diffusion', 'segmentation')
 
 
-def compute_dtype(config):
-  """config.train.compute_dtype as a jnp dtype (networks compute in it; params stay float32)."""
-  return COMPUTE_DTYPES[config.train.compute_dtype]
+def auto_dtype(config, section: str, backend: str | None = None) -> str:
+  """What train.compute_dtype='auto' gives `section` on `backend` (default: this process's).
+
+  Measured on an H200 (benchmarks/RESULTS.md): bfloat16 doubles the FFD-VAE's train steps (+84 % at batch
+  64, +106 % at 256) but slows the small diffusion UNet's (-20 % at batch 64: casts cost more than its narrow
+  convolutions save); a Stable-Diffusion-sized UNet is the size bfloat16 is made for. CPUs emulate bfloat16,
+  so they keep float32. Unmeasured networks (KL autoencoder, segmenter) keep float32.
+  """
+  backend = backend or jax.default_backend()
+  if backend not in ('gpu', 'cuda', 'rocm', 'tpu'):
+    return 'float32'
+  if section == 'vae' or (section == 'diffusion' and config.diffusion.get('pretrained_unet_path')):
+    return 'bfloat16'
+  return 'float32'
+
+
+def dtype_name(config, section: str | None = None) -> str:
+  """The compute dtype name of `section`'s network: its own field, else train.compute_dtype ('auto' resolved)."""
+  own = config[section].get('compute_dtype', INHERIT) if section and section in config else INHERIT
+  name = config.train.compute_dtype if own in (INHERIT, None) else own
+  return auto_dtype(config, section) if name == AUTO and section else ('float32' if name == AUTO else name)
+
+
+def compute_dtype(config, section: str | None = None):
+  """The jnp compute dtype of `section`'s network (params stay float32); no section: train.compute_dtype."""
+  return COMPUTE_DTYPES[dtype_name(config, section)]
+
+
+def resolve_compute_dtypes(config) -> None:
+  """With train.compute_dtype='auto', writes each inheriting section's dtype on this backend into the config
+  (in place, before fingerprints): the run records, and is identified by, what it computes in."""
+  if config.train.compute_dtype != AUTO:
+    return
+  for section in DTYPE_SECTIONS:
+    if section in config and config[section].get('compute_dtype', INHERIT) in (INHERIT, None):
+      config[section].compute_dtype = auto_dtype(config, section)

@@ -44,8 +44,9 @@ def test_variant_loads_and_validates(name, variant, sd_folder):
     assert (c.autoencoder.path, c.diffusion.pretrained_unet_path) == (str(sd_folder),) * 2
     assert (c.diffusion.schedule, c.diffusion.num_timesteps) == ('scaled_linear', 100)
   config_validation.validate(c)
-  # Only the GPU-only sd variants of the datasets compute in bfloat16.
-  assert c.train.compute_dtype == ('bfloat16' if variant == 'sd' and name != 'test' else 'float32')
+  # The GPU-only sd variants of the datasets compute in bfloat16, the gpu variants choose per network (auto).
+  expected = {'sd': 'bfloat16', 'gpu': 'auto'}.get(variant, 'float32') if name != 'test' else 'float32'
+  assert c.train.compute_dtype == expected
 
 
 @pytest.mark.parametrize('name', sorted(VARIANTS))

@@ -427,3 +427,17 @@ def test_group_norm_matches_flax_and_numpy(shape, groups):
   np.testing.assert_allclose(np.asarray(bf16, np.float32), ref, atol=3e-2)
   with pytest.raises(ValueError):
     layers.GroupNorm(num_groups=5).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_fused_attention_matches_numpy(dtype, tol):
+  """layers.fused_attention against softmax(q k^T / sqrt(d)) v in float64 numpy."""
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 6, 2, 8), (2, 5, 2, 8), (2, 5, 2, 8)))
+  logits = np.einsum('btnh,bsnh->bnts', q.astype(np.float64), k) / np.sqrt(8)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum('bnts,bsnh->btnh', p, v)
+  got = layers.fused_attention(*(jnp.asarray(a, dtype) for a in (q, k, v)))
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol, rtol=tol)

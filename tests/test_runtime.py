@@ -68,3 +68,34 @@ def test_stages_build_networks_in_the_configured_dtype():
     assert {t.model.dtype for t in tasks} == {dtype}
     params = jax.eval_shape(seg.init_params, jax.random.key(0))  # the dtypes init gives, without running it
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_per_network_compute_dtype_and_auto(monkeypatch):
+  """A section's own compute_dtype wins over train.compute_dtype; 'auto' gives bfloat16 on a GPU only to the
+  networks measured to gain (the FFD-VAE, a pretrained UNet) and float32 on a CPU; the run records it."""
+  import jax.numpy as jnp
+  import pytest
+
+  from diffuseg_jax import config_validation
+  from diffuseg_jax.errors import ConfigError
+  from tests.fixtures import default_config
+
+  cfg = default_config()
+  cfg.segmentation.compute_dtype = 'bfloat16'
+  assert runtime.compute_dtype(cfg, 'segmentation') == jnp.bfloat16
+  assert runtime.compute_dtype(cfg, 'vae') == jnp.float32  # inherits train.compute_dtype
+  cfg.train.compute_dtype = 'auto'
+  assert {s: runtime.auto_dtype(cfg, s, 'gpu') for s in runtime.DTYPE_SECTIONS} == {
+      'vae': 'bfloat16', 'autoencoder': 'float32', 'diffusion': 'float32', 'segmentation': 'float32'}
+  assert {runtime.auto_dtype(cfg, s, 'cpu') for s in runtime.DTYPE_SECTIONS} == {'float32'}
+  cfg.diffusion.pretrained_unet_path = '/sd/unet'
+  assert runtime.auto_dtype(cfg, 'diffusion', 'gpu') == 'bfloat16'
+  cfg.diffusion.pretrained_unet_path = None
+  monkeypatch.setattr(runtime.jax, 'default_backend', lambda: 'gpu')
+  runtime.resolve_compute_dtypes(cfg)
+  assert (cfg.vae.compute_dtype, cfg.diffusion.compute_dtype, cfg.segmentation.compute_dtype) == (
+      'bfloat16', 'float32', 'bfloat16')  # the segmentation's own value is kept
+  config_validation.validate(cfg)
+  cfg.vae.compute_dtype = 'float16'
+  with pytest.raises(ConfigError, match='vae.compute_dtype'):
+    config_validation.validate(cfg)

@@ -88,7 +88,8 @@ def background_similarity_per_pair(synthetic: np.ndarray, reference: np.ndarray,
   """Per-pair background difference [N] (float64; NaN where a pair has no background pixel).
 
   OUR background score, `background_distance_to_reference` in metrics.json (the paper cites mutual background
-  similarity, MBS, but does not define it, and pairs images that share anatomy; ours share only z_dom): images are mapped from `value_range` to [0, 1]; the background is the pixels outside the foreground
+  similarity, MBS, but does not define it, and pairs images that share anatomy; ours share only z_dom):
+  images are mapped from `value_range` to [0, 1]; the background is the pixels outside the foreground
   (label != 0) of both the synthetic mask and, when given, the reference mask; the score is
   100 * mean |synthetic - reference| over those pixels and all channels. 0 = identical backgrounds, 100 =
   opposite extremes; lower = more consistent, as in the paper.

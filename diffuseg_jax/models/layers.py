@@ -148,10 +148,18 @@ class Upsample(nn.Module):
     return conv3x3(self.channels, self.dtype, 'conv')(x)
 
 
+def fused_attention(query: Array, key: Array, value: Array) -> Array:
+  """softmax(q k^T / sqrt(d)) v through `jax.nn.dot_product_attention`: the backend's fused kernel where it has
+  one (cuDNN flash attention for bfloat16 on GPUs), XLA's einsums elsewhere; logits and softmax in float32.
+  q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H] (flax's attention_fn layout)."""
+  return jax.nn.dot_product_attention(query, key, value)
+
+
 class AttentionBlock(nn.Module):
   """Spatial self-attention, then (if `context` is given) cross-attention over context tokens; both residual.
 
-  x: [B, H, W, C], context: [B, T, D] or None -> [B, H, W, C]. The softmax runs in float32 for bf16 safety.
+  x: [B, H, W, C], context: [B, T, D] or None -> [B, H, W, C]. The softmax runs in float32 for bf16 safety
+  (`fused_attention`).
   """
 
   num_heads: int = 4
@@ -164,7 +172,7 @@ class AttentionBlock(nn.Module):
       raise ValueError(f'num_heads={self.num_heads} must divide the attention block width {c}')
     mha = lambda name: nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, qkv_features=c, out_features=c, dtype=self.dtype,
-        force_fp32_for_softmax=True, name=name)
+        attention_fn=fused_attention, name=name)
     tokens = rearrange(x, 'b h w c -> b (h w) c')
     q = rearrange(group_norm(c, self.dtype, 'norm')(x), 'b h w c -> b (h w) c')
     tokens = tokens + mha('self_attn')(q, q)

@@ -37,7 +37,7 @@ def loss_fn(model, kl_weight, params, batch, rng, frozen):
 def task(config, spec: DataSpec) -> Task:
   """The KL autoencoder (autoencoder.kind='kl')."""
   cfg = config.autoencoder
-  model = build_kl_autoencoder(cfg, spec.channels, runtime.compute_dtype(config))
+  model = build_kl_autoencoder(cfg, spec.channels, runtime.compute_dtype(config, 'autoencoder'))
   return Task(
       name='autoencoder', model=model,
       init_params=linen_init(model, jax.ShapeDtypeStruct((1, *spec.image_shape), 'float32'),
@@ -72,7 +72,7 @@ def _unscaled_codec(ctx) -> latent.LatentCodec:
   if cfg.kind == 'identity':
     return latent.identity_codec(ctx.data.channels, 1.0 if cfg.scaling_factor is None else cfg.scaling_factor)
   if cfg.kind == 'pretrained':
-    return latent.build_codec(cfg, ctx.data.channels, dtype=runtime.compute_dtype(ctx.config))
+    return latent.build_codec(cfg, ctx.data.channels, dtype=runtime.compute_dtype(ctx.config, 'autoencoder'))
   t = task(ctx.config, ctx.data.spec)
   return latent.kl_codec(t.model, ctx.load(t), 1.0)
 

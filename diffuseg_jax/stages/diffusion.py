@@ -84,7 +84,7 @@ def task(config, latent_shape: tuple[int, int, int], num_classes: int = 2) -> Ta
   diffusion.mask_condition, its input also has the K-1 label channels (`num_classes` K)."""
   cfg, cond_dim = config.diffusion, config.vae.z_dom_dim
   extra = mask_condition.num_channels(cfg.mask_condition, num_classes)
-  dtype = runtime.compute_dtype(config)
+  dtype = runtime.compute_dtype(config, 'diffusion')
   if cfg.pretrained_unet_path:
     from diffuseg_jax.models import diffusers_adapter
 

@@ -52,7 +52,7 @@ def loss_fn(model, params, batch, rng, frozen, *, ignore: bool = False):
 
 def task(config, spec: DataSpec, strategy: str, seed: int) -> Task:
   cfg = config.segmentation
-  model = build_seg_unet(cfg, spec.num_classes, runtime.compute_dtype(config))
+  model = build_seg_unet(cfg, spec.num_classes, runtime.compute_dtype(config, 'segmentation'))
   return Task(
       name=f'segment_{strategy}_seed{seed}', model=model,
       init_params=linen_init(model, jax.ShapeDtypeStruct((1, *spec.image_shape), 'float32')),

@@ -21,7 +21,7 @@ def ffd_vae_task(config, spec: DataSpec, role: str, loss_fn, num_steps: int) -> 
   """The FFD-VAE network as the task `role` ('teacher' or 'student'): same architecture, own loss and steps."""
   cfg = config.vae
   model = build_ffd_vae(cfg, num_classes=spec.num_classes, channels=spec.channels,
-                        dtype=runtime.compute_dtype(config))
+                        dtype=runtime.compute_dtype(config, 'vae'))
   return Task(
       name=role, model=model,
       init_params=linen_init(model, jax.ShapeDtypeStruct((1, *spec.image_shape), 'float32'),

@@ -125,6 +125,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # none (eq. 7: D(x_t, t, z_dom)) | pseudo_labels (D also sees the label map: trained with the student's
       # pseudo-labels of the target images, sampled with the given mask; sampling/mask_condition.py)
       mask_condition='none',
+      loss_weighting='uniform',  # uniform (eq. 7) | min_snr (min(SNR, gamma) weighting of the x0 error)
+      min_snr_gamma=5.0,
       steps=4000,
       batch_size=64,
       learning_rate=2e-4,

@@ -23,7 +23,7 @@ from diffuseg_jax import runtime, stable_diffusion
 from diffuseg_jax.data import DATASETS, DataSpec
 from diffuseg_jax.data.volumes import EMPTY_SLICE_POLICIES
 from diffuseg_jax.errors import ConfigError
-from diffuseg_jax.losses import KD_DISTS
+from diffuseg_jax.losses import KD_DISTS, LOSS_WEIGHTINGS
 from diffuseg_jax.models.cond_unet import COND_MODES
 from diffuseg_jax.models.latent import KINDS
 from diffuseg_jax.options import parse_names
@@ -44,6 +44,7 @@ CHOICES = {
     'diffusion.schedule': schedules.SCHEDULES,
     'diffusion.cond_mode': COND_MODES,
     'diffusion.mask_condition': mask_condition.MASK_CONDITIONS,
+    'diffusion.loss_weighting': LOSS_WEIGHTINGS,
     'diffusion.prediction_type': prediction.PREDICTION_TYPES,
     'diffusion.finetune': stable_diffusion.FINETUNE,
     'sampling.blend_mode': BLEND_MODES,
@@ -64,7 +65,7 @@ POSITIVE_INTS = (
 )
 OPTIONAL_POSITIVE_INTS = ('sampling.num_masks', 'data.max_cases')  # None or a positive integer
 POSITIVE_FLOATS = ('vae.learning_rate', 'autoencoder.learning_rate', 'diffusion.learning_rate',
-                   'segmentation.learning_rate')
+                   'segmentation.learning_rate', 'diffusion.min_snr_gamma')
 UNIT_INTERVAL = ('diffusion.cond_dropout', 'train.ema_decay')
 # Networks that down-sample the image by 2^levels (data.image_size must be a multiple).
 LEVELS = ('vae.levels', 'segmentation.levels')

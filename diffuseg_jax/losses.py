@@ -204,7 +204,25 @@ def student_loss(student_out: Mapping[str, Array], teacher_out: Mapping[str, Arr
   return loss, metrics
 
 
-def diffusion_loss(noise: Array, eps_pred: Array) -> Array:
+def diffusion_loss(noise: Array, eps_pred: Array, weights: Array | None = None) -> Array:
   """Eq. 7: ||eps - D(x_t, t, z_dom)||^2 as the mean squared error over every element (batch, pixels,
-  channels)."""
-  return jnp.mean(jnp.square(noise.astype(jnp.float32) - eps_pred.astype(jnp.float32)))
+  channels); `weights` [B] (min-SNR weighting) scale each sample's mean before the batch mean."""
+  per_sample = jnp.mean(jnp.square(noise.astype(jnp.float32) - eps_pred.astype(jnp.float32)),
+                        axis=tuple(range(1, noise.ndim)))
+  return jnp.mean(per_sample if weights is None else per_sample * weights.astype(jnp.float32))
+
+
+LOSS_WEIGHTINGS = ('uniform', 'min_snr')
+
+
+def min_snr_weights(alphas_cumprod_t: Array, gamma: float, prediction_type: str) -> Array:
+  """Min-SNR-gamma loss weights (Hang et al. 2023) [B] for timesteps with alpha-bar `alphas_cumprod_t` [B].
+
+  SNR = a / (1 - a). Weighting the x0 error by min(SNR, gamma) keeps the many easy low-noise steps from
+  dominating; written for the network's own target, that is min(SNR, gamma) / SNR for eps-prediction and
+  min(SNR, gamma) / (SNR + 1) for v-prediction.
+  """
+  a = alphas_cumprod_t.astype(jnp.float32)
+  snr = a / jnp.maximum(1.0 - a, 1e-12)
+  clipped = jnp.minimum(snr, gamma)
+  return clipped / (snr + 1.0) if prediction_type == 'v_prediction' else clipped / jnp.maximum(snr, 1e-12)

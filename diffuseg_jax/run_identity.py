@@ -39,6 +39,7 @@ NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 's
 # Fields added after workdirs existed, at the value that does what runs did before the field: left out of the
 # fingerprint at that value, so adding them recomputes nothing.
 NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none',
+           'diffusion.loss_weighting': 'uniform', 'diffusion.min_snr_gamma': 5.0,
            **{f'{s}.compute_dtype': 'inherit' for s in ('vae', 'autoencoder', 'diffusion', 'segmentation')}}
 COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.

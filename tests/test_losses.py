@@ -188,3 +188,18 @@ def test_masked_segmentation_losses_ignore_pixels_against_numpy():
   none = np.full((2, 5, 4), losses.IGNORE)
   ce0, _ = losses.masked_segmentation_losses(jnp.asarray(logits), jnp.asarray(none), 3)
   assert float(ce0) == 0.0
+
+
+def test_weighted_diffusion_loss_and_min_snr_weights():
+  rng = np.random.default_rng(1)
+  x, y = rng.standard_normal((2, 3, 4, 4, 2)).astype(np.float32)
+  w = np.asarray([0.5, 2.0, 1.0], np.float32)
+  want = np.mean(np.mean((x - y) ** 2, axis=(1, 2, 3)) * w)
+  np.testing.assert_allclose(losses.diffusion_loss(x, y, w), want, rtol=1e-5)
+  a = np.asarray([0.999, 0.8, 0.5, 0.01], np.float32)  # SNR 999, 4, 1, 0.0101
+  snr = a / (1 - a)
+  np.testing.assert_allclose(losses.min_snr_weights(a, 5.0, 'epsilon'), np.minimum(snr, 5.0) / snr, rtol=1e-4)
+  np.testing.assert_allclose(losses.min_snr_weights(a, 5.0, 'v_prediction'), np.minimum(snr, 5) / (snr + 1),
+                             rtol=1e-4)
+  # By hand: eps-weights are 5/999, then 1 where SNR <= gamma.
+  np.testing.assert_allclose(losses.min_snr_weights(a, 5.0, 'epsilon'), [5 / 999, 1, 1, 1], rtol=1e-3)

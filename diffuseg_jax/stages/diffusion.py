@@ -36,22 +36,25 @@ def schedule(config) -> schedules.Schedule:
 
 
 def denoising_loss(model, alphas_cumprod, params, x0, z_dom, t, noise, drop, prediction_type='epsilon',
-                   label_channels=None):
+                   label_channels=None, min_snr_gamma=None):
   """Eq. 7 for given timesteps t [B], noise (x0's shape) and condition-dropout flags drop [B]: the mean
   squared error to the noise (epsilon) or to v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (v_prediction).
-  label_channels [B, h, w, K-1] (a mask-conditioned denoiser, sampling/mask_condition.py) join x_t's input."""
+  label_channels [B, h, w, K-1] (a mask-conditioned denoiser, sampling/mask_condition.py) join x_t's input.
+  min_snr_gamma: weight each sample by losses.min_snr_weights (None: uniform, eq. 7)."""
   x_t = schedules.q_sample(x0, t, noise, alphas_cumprod)
-  target = prediction.training_target(x0, noise, jnp.asarray(alphas_cumprod, jnp.float32)[t], prediction_type)
+  a_t = jnp.asarray(alphas_cumprod, jnp.float32)[t]
+  target = prediction.training_target(x0, noise, a_t, prediction_type)
 
   def apply(x, t, z, drop):
     return model.apply({'params': params}, x, t, z, drop)
 
   if label_channels is not None:
     apply = mask_condition.conditioned(apply, label_channels)
-  return losses.diffusion_loss(target, apply(x_t, t, z_dom, drop))
+  weights = None if min_snr_gamma is None else losses.min_snr_weights(a_t, min_snr_gamma, prediction_type)
+  return losses.diffusion_loss(target, apply(x_t, t, z_dom, drop), weights)
 
 
-def loss_fn(model, cond_dropout, alphas_cumprod, prediction_type, params, batch, rng, frozen):
+def loss_fn(model, cond_dropout, alphas_cumprod, prediction_type, min_snr_gamma, params, batch, rng, frozen):
   """`denoising_loss` with t uniform in [0, T), Gaussian noise and dropout Bernoulli(cond_dropout) from rng."""
   del frozen
   k_t, k_noise, k_drop = jax.random.split(rng, 3)
@@ -61,7 +64,7 @@ def loss_fn(model, cond_dropout, alphas_cumprod, prediction_type, params, batch,
   noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
   drop = jax.random.bernoulli(k_drop, cond_dropout, (b,))
   return denoising_loss(model, alphas_cumprod, params, x0, batch['z_dom'], t, noise, drop, prediction_type,
-                        batch.get('label_channels')), {}
+                        batch.get('label_channels'), min_snr_gamma), {}
 
 
 def finetune_optimizer(optimizer: optax.GradientTransformation, finetune: str) -> optax.GradientTransformation:
@@ -108,7 +111,8 @@ def task(config, latent_shape: tuple[int, int, int], num_classes: int = 2) -> Ta
   return Task(
       name='diffusion', model=model, init_params=init_params,
       loss_fn=functools.partial(loss_fn, model, float(cfg.cond_dropout), alphas,
-                                prediction.check(cfg.prediction_type)),
+                                prediction.check(cfg.prediction_type),
+                                float(cfg.min_snr_gamma) if cfg.loss_weighting == 'min_snr' else None),
       optimizer=finetune_optimizer(make_optimizer(cfg.learning_rate, cfg.steps, config.train),
                                    cfg.finetune if cfg.pretrained_unet_path else 'full'),
       num_steps=int(cfg.steps),

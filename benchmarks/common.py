@@ -1,44 +1,56 @@
 """Measurement helpers shared by the benchmark harnesses: timing, memory, FLOP counts, the matmul ceiling.
 
-Timing protocol (both harnesses): every implementation is warmed up once, then the timed runs of all
-implementations are interleaved (A B C A B C ...), so that load from other processes on a shared machine
-hits every implementation alike; each run ends with a blocking wait for its result.
+The framework-free helpers live in benchmarks/measure.py (re-exported here), so that the timing processes of
+the separate-process method (benchmarks/worker.py) import only their own framework. This module imports JAX
+(and PyTorch only inside the functions for the in-process mode, `--same-process`).
+
+Timing protocol (both harnesses): every implementation is warmed up once, then the timed runs of the
+implementations in one process are interleaved (A B C A B C ...), so that load from other processes on a
+shared machine hits them alike; each run ends with a blocking wait for its result.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import datetime
-import json
 import os
-import platform
-import resource
-import statistics
-import sys
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import measure as _measure
+from benchmarks.measure import (  # noqa: F401 - re-exported
+    Measurement,
+    RssSampler,
+    Timing,
+    format_table,
+    geomean,
+    host_environment,
+    mib,
+    peak_rss_bytes,
+    progress_line,
+    rate_cell,
+    ratio,
+    summary_line,
+    write_json,
+)
 from diffuseg_jax import runtime
 
 
 def prepare_process() -> None:
-  """Process settings chosen before torch is first imported and before JAX starts its backends (each
-  overridable from the environment).
+  """Settings of a process that runs PyTorch and JAX together (the `--same-process` mode and the equivalence
+  check), chosen before torch is first imported and before JAX starts its backends (each overridable from
+  the environment).
 
   XLA_FLAGS: the pipeline's CPU flags (diffuseg_jax/runtime.py) unless the user's XLA_FLAGS names them.
 
   OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP workers otherwise spin after every parallel region. With XLA's
   own thread pool in the same process, and on any machine with other load, the spinning threads steal the
   cores the next op needs: on a busy 2-core machine a small torch UNet step ran ~10x slower with spinning
-  (0.15-0.43 s vs 0.013 s). Set OMP_WAIT_POLICY=ACTIVE to measure torch with spinning.
+  (0.15-0.43 s vs 0.013 s). The default mode (separate processes) does not need this: there each PyTorch
+  timing process runs alone, once with ACTIVE and once with PASSIVE.
   """
   os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
   runtime.set_xla_flags()  # the XLA CPU flags the pipeline runs with (diffuseg_jax/runtime.py)
@@ -53,105 +65,24 @@ def torch_or_none():
   return torch
 
 
-@dataclasses.dataclass
-class Timing:
-  """Wall times in seconds of the timed runs of one implementation, each producing `images` images."""
-
-  images: int
-  seconds: list[float] = dataclasses.field(default_factory=list)
-
-  def images_per_second(self) -> tuple[float, float, float]:
-    """(median, min, max) images/s over the runs."""
-    rates = [self.images / s for s in self.seconds]
-    return statistics.median(rates), min(rates), max(rates)
-
-
-@dataclasses.dataclass
-class Measurement:
-  """What `measure` records for one implementation."""
-
-  timing: Timing
-  first_call_s: float  # the warm-up call (includes any compilation done lazily on first call)
-  output: Any  # the warm-up call's result
-  peak_rss: int = 0  # highest process RSS seen during its timed runs (bytes)
-  rss_delta: int = 0  # ... minus the RSS when the run started
-  device_peak: int | None = None  # accelerator peak bytes (torch: per implementation; JAX: process-wide)
-
-  def row(self) -> dict[str, Any]:
-    return {**rate_cell(self.timing), 'first_call_s': self.first_call_s, 'peak_rss_MiB': mib(self.peak_rss),
-            'rss_delta_MiB': mib(self.rss_delta), 'device_peak_MiB': mib(self.device_peak)}
-
-
 def measure(runs: dict[str, Callable[[], Any]], images: int, repeats: int) -> dict[str, Measurement]:
-  """Warm every callable up once, then time `repeats` interleaved rounds (A B C A B C ...).
+  """`measure.measure` for one process holding JAX and maybe PyTorch implementations (`--same-process`).
 
-  Each callable must block until its result is ready. Names starting with 'torch' get torch's CUDA peak
-  memory (reset per run) when on GPU; the others JAX's process-wide device peak.
+  Names starting with 'torch' get torch's CUDA peak memory (reset per run) when on GPU; the others JAX's
+  process-wide device peak.
   """
-  out = {}
-  for name, fn in runs.items():
-    t0 = time.perf_counter()
-    result = fn()
-    out[name] = Measurement(Timing(images), time.perf_counter() - t0, result)
   cuda = torch_device() == 'cuda'
-  for _ in range(repeats):
-    for name, fn in runs.items():
-      m = out[name]
-      is_torch = name.startswith('torch')
-      if cuda and is_torch:
-        torch_or_none().cuda.reset_peak_memory_stats()
-      with RssSampler() as rss:
-        t0 = time.perf_counter()
-        fn()
-        m.timing.seconds.append(time.perf_counter() - t0)
-      m.peak_rss, m.rss_delta = max(m.peak_rss, rss.peak), max(m.rss_delta, rss.peak - rss.baseline)
-      if cuda and is_torch:
-        m.device_peak = max(m.device_peak or 0, torch_or_none().cuda.max_memory_allocated())
-      elif not is_torch:
-        m.device_peak = device_peak_bytes()
-  return out
 
+  def before(name):
+    if cuda and name.startswith('torch'):
+      torch_or_none().cuda.reset_peak_memory_stats()
 
-def _current_rss_bytes() -> int:
-  try:
-    with open('/proc/self/statm') as f:
-      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-  except (OSError, ValueError, IndexError):
-    return 0
+  def peak(name):
+    if name.startswith('torch'):
+      return torch_or_none().cuda.max_memory_allocated() if cuda else None
+    return device_peak_bytes()
 
-
-def peak_rss_bytes() -> int:
-  """Process RSS high-water mark since start (bytes)."""
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak if sys.platform == 'darwin' else peak * 1024
-
-
-class RssSampler:
-  """Highest process RSS seen while the context is open (polled every `interval` s; Linux /proc).
-
-  The process-wide high-water mark only grows, so with several implementations in one process it cannot say
-  which one used the memory; the sampled peak of a window can (minus the baseline, which is reported too).
-  """
-
-  def __init__(self, interval: float = 0.005):
-    self.interval, self.peak, self.baseline = interval, 0, 0
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._poll, daemon=True)
-
-  def _poll(self):
-    while not self._stop.is_set():
-      self.peak = max(self.peak, _current_rss_bytes())
-      time.sleep(self.interval)
-
-  def __enter__(self) -> RssSampler:
-    self.baseline = self.peak = _current_rss_bytes()
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    self.peak = max(self.peak, _current_rss_bytes())
+  return _measure.measure(runs, images, repeats, before, peak)
 
 
 def device_peak_bytes() -> int | None:
@@ -186,27 +117,15 @@ def matmul_ceiling_gflops(n: int, repeats: int = 5, dtype: Any = jnp.float32) ->
   a = jax.random.normal(key, (n, n), dtype)
   b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
   f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  best = min(_time(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
-  return 2.0 * n**3 / best / 1e9
+  return _measure.matmul_gflops(n, _measure.best_seconds(lambda: f(a, b).block_until_ready(), repeats))
 
 
 def torch_matmul_gflops(n: int, repeats: int = 5, dtype: str = 'float32') -> float | None:
-  torch = torch_or_none()
-  if torch is None:
+  if torch_or_none() is None:
     return None
-  dev = torch_device()
-  a = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
-  b = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
-  torch_sync(torch.mm(a, b))
-  best = min(_time(lambda: torch_sync(torch.mm(a, b))) for _ in range(repeats))
-  return 2.0 * n**3 / best / 1e9
+  from benchmarks import torch_side
 
-
-def _time(fn: Callable[[], Any]) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
+  return torch_side.matmul_gflops(n, torch_device(), dtype, repeats)
 
 
 def torch_device():
@@ -224,10 +143,12 @@ def equivalence_tolerance() -> float:
 def torch_autocast(dtype: str):
   """The torch counterpart of our compute dtype: autocast to bfloat16 (params stay float32), else nothing."""
   if dtype == 'float32':
-    return contextlib.nullcontext()
-  import torch
+    import contextlib
 
-  return torch.autocast(device_type=torch_device(), dtype=getattr(torch, dtype))
+    return contextlib.nullcontext()
+  from benchmarks import torch_side
+
+  return torch_side.autocast(torch_device(), dtype)
 
 
 def torch_sync(out=None):
@@ -238,84 +159,27 @@ def torch_sync(out=None):
   return out
 
 
+def jax_environment() -> dict[str, Any]:
+  """JAX's part of the results header (a JAX timing process reports it; imports no torch)."""
+  dev = jax.devices()[0]
+  return {'jax': jax.__version__, 'jax_backend': jax.default_backend(),
+          'jax_device': getattr(dev, 'device_kind', str(dev)), 'jax_device_count': jax.device_count(),
+          'XLA_FLAGS': os.environ.get('XLA_FLAGS', '')}
+
+
 def environment() -> dict[str, Any]:
-  """Machine and library versions for the results header."""
+  """Machine and library versions for the results header of the in-process mode (imports torch)."""
   torch = torch_or_none()
   try:
     import diffusers
     diffusers_version = diffusers.__version__
   except ImportError:
     diffusers_version = None
-  dev = jax.devices()[0]
-  return {
-      'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
-      'host': platform.node(),
-      'platform': platform.platform(),
-      'cpu': _cpu_model(),
-      'cpu_count': os.cpu_count(),
-      'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
-      'python': platform.python_version(),
-      'jax': jax.__version__,
-      'jax_backend': jax.default_backend(),
-      'jax_device': getattr(dev, 'device_kind', str(dev)),
-      'jax_device_count': jax.device_count(),
-      'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
-      'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY'),
-      'torch': getattr(torch, '__version__', None),
-      'torch_threads': torch.get_num_threads() if torch is not None else None,
-      'diffusers': diffusers_version,
-  }
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
-def progress_line(what: str, rows: Sequence[dict[str, Any]]) -> None:
-  """One line per measured case as it finishes (the table comes at the end; a killed run keeps these)."""
-  print(f'{what}: ' + ', '.join(f"{r['impl']} {r['img_s']:.4g} img/s (compile {r.get('compile_s') or 0:.1f} s)"
-                                for r in rows), flush=True)
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-  """A markdown table of `rows` (dicts) restricted to `columns`; floats printed with 3 significant digits."""
-  def cell(v):
-    if v is None:
-      return '-'
-    if isinstance(v, float):
-      return f'{v:.3g}' if abs(v) < 1e4 else f'{v:.0f}'
-    return str(v)
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-  lines += ['| ' + ' | '.join(cell(r.get(c)) for c in columns) + ' |' for r in rows]
-  return '\n'.join(lines)
-
-
-def rate_cell(timing: Timing | None) -> dict[str, Any]:
-  if timing is None or not timing.seconds:
-    return {'img_s': None, 'img_s_range': None}
-  med, lo, hi = timing.images_per_second()
-  return {'img_s': med, 'img_s_range': f'{lo:.3g}-{hi:.3g}'}
-
-
-def mib(n: int | None) -> float | None:
-  return None if n is None else n / 2**20
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-  return None if a is None or b is None or b == 0 else a / b
-
-
-def write_json(path: str | None, payload: dict[str, Any]) -> None:
-  if path:
-    with open(path, 'w') as f:
-      json.dump(payload, f, indent=1, default=str)
+  return {**host_environment(), **jax_environment(),
+          'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY'),
+          'torch': getattr(torch, '__version__', None),
+          'torch_threads': torch.get_num_threads() if torch is not None else None,
+          'diffusers': diffusers_version}
 
 
 def host_params(init_fn: Callable[[jax.Array], Any], seed: int = 0):
@@ -348,50 +212,154 @@ def param_count(params) -> int:
 
 # --- the harness shared by sampler.py and train_step.py -----------------------------------------------------
 
+OMP_POLICIES = ('active', 'passive')
+BASELINES = {False: 'separate_processes', True: 'same_process'}  # keyed by --same-process
+
+
 def add_harness_args(p: argparse.ArgumentParser) -> None:
-  """Options every harness takes: repeats, quick, no-torch, dtype, matmul-n, json."""
-  p.add_argument('--repeats', type=int, default=5, help='timed runs per implementation (after a warm-up)')
-  p.add_argument('--quick', action='store_true', help='tiny networks, batch 2, 2 runs (what the smoke test runs)')
+  """Options every harness takes: repeats, quick, no-torch, dtype, matmul-n, json, and the method's."""
+  p.add_argument('--repeats', type=int, default=None,
+                 help='timed runs per implementation, after a warm-up (default 5; --quick: 2)')
+  p.add_argument('--quick', action='store_true',
+                 help='tiny networks; batch 2 and 2 runs unless given (what the smoke test runs)')
   p.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
   p.add_argument('--dtype', default='float32', choices=tuple(DTYPES),
                  help='compute dtype of the networks (params float32); torch runs under autocast to it')
   p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 2048 CPU, 8192 GPU)')
   p.add_argument('--json', default=None, help='also write the results here')
+  p.add_argument('--same-process', action='store_true',
+                 help='the old method: all implementations interleaved in this one process, torch with '
+                      'OMP_WAIT_POLICY=PASSIVE (default: one process per framework, see benchmarks/worker.py)')
+  p.add_argument('--omp-policies', default=','.join(OMP_POLICIES),
+                 help='OMP_WAIT_POLICY values PyTorch is timed with, one process each; the faster one is '
+                      'the torch number of the ratios')
+  p.add_argument('--work-dir', default=None,
+                 help="keep the processes' specs, .npz inputs, outputs and logs here (default: a temporary "
+                      'folder, removed at the end)')
+
+
+def omp_policies(args: argparse.Namespace) -> tuple[str, ...]:
+  return names(args.omp_policies.lower(), OMP_POLICIES, 'OMP_WAIT_POLICY values')
 
 
 def matmul_n(args: argparse.Namespace) -> int:
-  """The matmul ceiling's n: --matmul-n, else 256 for --quick, 8192 on GPU, 2048 otherwise."""
-  if args.matmul_n:
-    return args.matmul_n
-  if args.quick:
+  """The matmul ceiling's n of this process's JAX backend (see `resolve_matmul_n`)."""
+  return resolve_matmul_n(args.matmul_n, args.quick, None)
+
+
+def resolve_matmul_n(n: int | None, quick: bool, backend: str | None) -> int:
+  """The matmul ceiling's n: `n` (--matmul-n), else 256 for --quick, 8192 on GPU, 2048 otherwise. `backend`:
+  JAX's default backend as reported by a process that started it (None: start it here and ask)."""
+  if n:
+    return n
+  if quick:
     return 256
-  return 8192 if jax.default_backend() == 'gpu' else 2048
+  return 8192 if (backend or jax.default_backend()) == 'gpu' else 2048
+
+
+def importable(*modules: str) -> bool:
+  """Whether all `modules` can be imported (without importing them: the parent of the timing processes
+  loads neither framework's runtime)."""
+  import importlib.util
+
+  return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def new_result(n: int, dtype: str, torch) -> dict[str, Any]:
-  """The result skeleton: environment, empty rows and checks, and the matmul ceilings measured now."""
-  return {'env': environment(), 'rows': [], 'checks': {},
+  """The result skeleton of the in-process mode: environment, empty rows and checks, and the matmul
+  ceilings measured now."""
+  return {'method': BASELINES[True], 'env': environment(), 'rows': [], 'checks': {},
           'ceiling': {'matmul_n': n, 'dtype': dtype, 'jax_gflop_s': matmul_ceiling_gflops(n, dtype=DTYPES[dtype]),
                       'torch_gflop_s': torch_matmul_gflops(n, dtype=dtype) if torch else None}}
 
 
-def finish_result(result: dict[str, Any], summary: Callable[[list[dict[str, Any]]], dict]) -> dict[str, Any]:
+def finish_result(result: dict[str, Any], summary: Callable[..., dict]) -> dict[str, Any]:
   """The ceiling measured again after the run (it drifts on a busy machine) and the summary values."""
   c = result['ceiling']
   c['jax_gflop_s_after'] = matmul_ceiling_gflops(c['matmul_n'], dtype=DTYPES[c['dtype']])
-  result['summary'] = summary(result['rows'])
+  result['summary'] = summary(result['rows'], baseline=BASELINES[True])
   return result
 
 
-def summary_line(values: dict[str, float | None]) -> str:
-  return ' '.join(f'{k}={"n/a" if v is None else f"{v:.3f}"}' for k, v in values.items())
+# --- the separate-process method (benchmarks/worker.py), the parent's side ----------------------------------
+
+def framework_of(process: Mapping[str, Any]) -> str | None:
+  """'numpy', 'jax', 'torch_active', 'torch_passive' (whose ceiling a process measured); None: the check."""
+  role = process['role']
+  if role == 'torch':
+    return f"torch_{(process.get('OMP_WAIT_POLICY') or 'default').lower()}"
+  return role if role in ('numpy', 'jax') else None
+
+
+def ceilings(processes: Sequence[Mapping[str, Any]], n: int, dtype: str) -> dict[str, Any]:
+  """The matmul ceilings of a run: per framework, the median and range over its processes (each measured its
+  own), and the best of all. numpy's is float32 whatever `dtype` (numpy has no bfloat16)."""
+  out: dict[str, Any] = {'matmul_n': n, 'dtype': dtype}
+  for p in processes:
+    kind = framework_of(p)
+    if kind and p.get('ceiling_gflop_s'):
+      out.setdefault(kind, []).append(p['ceiling_gflop_s'])
+  best = None
+  for kind in [k for k in out if k not in ('matmul_n', 'dtype')]:
+    values = out[kind]
+    out[kind] = {'gflop_s': float(np.median(values)), 'min': min(values), 'max': max(values),
+                 'processes': len(values)}
+    best = max(best or 0.0, max(values))
+  out['best_gflop_s'] = best
+  return out
+
+
+def best_torch(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+  """The fastest torch row of one case (the OpenMP policy that won there): the torch number of the ratios."""
+  torch_rows = [r for r in rows if r['impl'].startswith('torch') and r.get('img_s')]
+  return max(torch_rows, key=lambda r: r['img_s'], default=None)
+
+
+def finish_rows(rows: Sequence[dict[str, Any]], case_fields: Sequence[str], best_ceiling: float | None) -> None:
+  """Fills the per-case columns in place: gflop_s (the JAX cost analysis' FLOPs per image, the same for every
+  implementation of a case), frac_of_matmul (against the ceiling measured in the row's own process),
+  frac_of_best_matmul (against the best ceiling of the run), vs_torch (against the case's best torch row)."""
+  cases: dict[tuple, list[dict[str, Any]]] = {}
+  for r in rows:
+    cases.setdefault(tuple(r[f] for f in case_fields), []).append(r)
+  for case_rows in cases.values():
+    jax_row = next((r for r in case_rows if r.get('gflop_per_image')), {})
+    best = best_torch(case_rows)
+    for r in case_rows:
+      per_image = jax_row.get('gflop_per_image')
+      r['step_gflop'] = r.get('step_gflop') or jax_row.get('step_gflop')
+      r['gflop_s'] = per_image * r['img_s'] if per_image and r.get('img_s') else None
+      r['frac_of_matmul'] = ratio(r['gflop_s'], r.get('matmul_gflop_s'))
+      r['frac_of_best_matmul'] = ratio(r['gflop_s'], best_ceiling)
+      r['vs_torch'] = ratio(r.get('img_s'), best['img_s']) if best else None
+
+
+def worker_row(out: Mapping[str, Any]) -> dict[str, Any]:
+  """A timing process's row: its timings, `peak_rss_MiB` = that process's peak RSS (ru_maxrss right after
+  its timed runs), its own matmul ceiling, and which frameworks it had imported."""
+  return {**out['row'], 'peak_rss_MiB': mib(out['peak_rss']), 'matmul_gflop_s': out['ceiling_gflop_s'],
+          'modules': out['modules']}
+
+
+def shared_torch_env(out: Mapping[str, Any]) -> dict[str, Any]:
+  """A torch process's environment minus its OMP_WAIT_POLICY (each torch row's impl names that)."""
+  return {k: v for k, v in out['env'].items() if k != 'OMP_WAIT_POLICY'}
 
 
 def report(result: dict[str, Any], columns: Sequence[str], check_name: str, json_path: str | None) -> None:
   """Prints the ceilings, the equivalence checks, the table and (last) the summary line; writes the json."""
   c = result['ceiling']
-  print(f"matmul ceiling ({c['matmul_n']}^2 {c.get('dtype', 'float32')}): jax {c['jax_gflop_s']:.1f} GFLOP/s (after: "
-        f"{c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
+  if result.get('method') == BASELINES[False]:
+    kinds = [k for k in ('numpy', 'jax', 'torch_active', 'torch_passive', 'torch_default') if k in c]
+    print(f"matmul ceiling ({c['matmul_n']}^2 {c['dtype']}, numpy float32; each in its own framework's "
+          'processes, median [min-max] GFLOP/s): ' + ', '.join(
+              f"{k} {c[k]['gflop_s']:.1f} [{c[k]['min']:.1f}-{c[k]['max']:.1f}]" for k in kinds))
+    procs = result['processes']
+    print(f"{len(procs)} processes; imported frameworks: " + ', '.join(
+        sorted({f"{p['role']}={'+'.join(p['modules']) or 'none'}" for p in procs})))
+  else:
+    print(f"matmul ceiling ({c['matmul_n']}^2 {c.get('dtype', 'float32')}): jax {c['jax_gflop_s']:.1f} GFLOP/s "
+          f"(after: {c['jax_gflop_s_after']:.1f}), torch {c['torch_gflop_s'] or float('nan'):.1f} GFLOP/s")
   for name, checks in result['checks'].items():
     if checks:
       print(f'{name}: {check_name} == ours: ' + ', '.join(f'{k}={v:.1e}' for k, v in checks.items()))

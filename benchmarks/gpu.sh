@@ -4,7 +4,14 @@
 #
 #   bash benchmarks/gpu.sh OUTDIR [SECONDS_PER_PART]
 #   PARTS="train_f32 train_bf16" bash benchmarks/gpu.sh OUTDIR   # a subset
+#   PARTS=sd_bf16 bash benchmarks/gpu.sh OUTDIR                  # only the SD-sized sampler (~6-9 min)
 #
+#   0. sd_bf16: the Stable-Diffusion-1.x-sized UNet (random weights) on 64x64x4 latents, bfloat16, batch 64/256/16
+#      (this order: the stage part runs right after batch 64, and batch 16 tells least, so a time limit cuts it
+#      first): images/s, fraction of the bf16 matmul ceiling, compile of the whole scan vs one step, and the
+#      synthesize stage (SD-sized VAE decode, PNG writing) against its bare program (benchmarks/sd_sampler.py).
+#      JAX only, so it takes 90 % of GPU memory, and it compiles cold (no persistent cache); its own time limit
+#      SD_SECONDS (default 480). It runs first: when GPU time is short, it is the part to have.
 #   1. sampler, config (b) mscmr, float32, batch 1/16/64/256: scan vs Python loop vs PyTorch (small batches
 #      show what one XLA program per trajectory saves over a host round trip per step);
 #   2. sampler, config (b), bfloat16 compute, batch 64/256/512: scan vs PyTorch under autocast, against the
@@ -20,15 +27,20 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 python=${PYTHON:-python}
 
-parts=" ${PARTS:-sampler_f32 sampler_bf16 train_f32 train_bf16} "
+parts=" ${PARTS:-sd_bf16 sampler_f32 sampler_bf16 train_f32 train_bf16} "
 
 part() {
   local name=$1; shift
   [[ $parts == *" $name "* ]] || return 0
   echo "== $name: $*"
-  timeout "$limit" "$python" "$@" --json="$out/$name.json" 2>&1 | tee "$out/$name.log" | grep -v "^WARNING\|^I0000\|^W0000"
+  timeout "${PART_SECONDS:-$limit}" "$python" "$@" --json="$out/$name.json" 2>&1 | tee "$out/$name.log" \
+    | grep -v "^WARNING\|^I0000\|^W0000"
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
+
+PART_SECONDS=${SD_SECONDS:-480} XLA_PYTHON_CLIENT_MEM_FRACTION=${SD_MEM_FRACTION:-0.9} JAX_COMPILATION_CACHE_DIR= \
+  part sd_bf16 -m benchmarks.sd_sampler --batches=64,256,16 --dtype=bfloat16 --repeats=3 --budget-s=40 \
+  --stage-batch=64 --stage-batches=4
 
 part sampler_f32 -m benchmarks.sampler --configs=mscmr --batches=1,16,64,256 --repeats=5
 part sampler_bf16 -m benchmarks.sampler --configs=mscmr --batches=64,256,512 --impls=scan,torch --dtype=bfloat16 \

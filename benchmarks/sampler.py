@@ -3,28 +3,38 @@
   python -m benchmarks.sampler                       # both configs, batch 1/16/64, 50 steps, 5 timed runs
   python -m benchmarks.sampler --quick               # tiny model, seconds (what the smoke test runs)
   python -m benchmarks.sampler --configs=mscmr --batches=16 --repeats=3 --json=/tmp/sampler.json
+  python -m benchmarks.sampler --same-process        # the old method: everything in this one process
 
 Configs (each config file's `diffusion` and `sampling` sections, with num_steps forced to --steps):
   (a) mnist_m  pixel-space diffusion on 32x32x3 images (configs/mnist_m.py);
   (b) mscmr    32x32x4 latents of 128x128 images, z_dom via cross-attention + FiLM (configs/mscmr.py).
 The autoencoder is not part of the measurement (latents in, latents out), so (b) measures the denoiser loop.
 
-Implementations, timed interleaved in the same process:
-  scan   sampler.blended_ddim_sample under one jax.jit (AOT-compiled; compile time reported apart);
-  loop   sampler.LoopSampler: a Python loop over ONE jitted step (params an argument, compiled once), i.e. the
-         same steps and keys with a host round trip per step;
-  torch  the same network in PyTorch (benchmarks/torch_mirror.py, our weights copied in), stepped by
-         diffusers' DDIMScheduler ('trailing' spacing, our alphas_cumprod) with the same hard blending.
-Before timing, the torch UNet's eps and the whole torch sampler (fed the JAX sampler's noise) are checked
-equal to the JAX ones. GFLOP/s comes from XLA's cost analysis of one compiled step times the number of steps
-(the scan's own cost analysis counts its loop body once, whatever the trip count: column scan_cost_gflop).
-The last printed line is `sampler_vs_torch=... scan_vs_loop=... matmul_frac=...` for config (b), batch 16.
+Implementations:
+  scan           sampler.blended_ddim_sample under one jax.jit (AOT-compiled; compile time reported apart);
+  loop           sampler.LoopSampler: a Python loop over ONE jitted step (params an argument, compiled once),
+                 i.e. the same steps and keys with a host round trip per step;
+  torch_active,  the same network in PyTorch (benchmarks/torch_mirror.py, our weights copied in), stepped by
+  torch_passive  diffusers' DDIMScheduler ('trailing' spacing, our alphas_cumprod) with the same hard
+                 blending, with OMP_WAIT_POLICY=ACTIVE / PASSIVE; the faster is the torch of the ratios.
+Method (default; benchmarks/worker.py): one fresh process per (case, implementation), run one after the
+other: the JAX ones never import torch, the PyTorch ones never import jax (weights and inputs come through
+an .npz) and run with PyTorch's default threads. First a check process (both frameworks) checks the torch
+UNet's eps and the whole torch sampler (fed the JAX sampler's noise) equal to the JAX ones; a mismatch
+raises before anything is timed. The loop's samples are checked equal to the scan's (outputs of their
+processes). Each process measures its own framework's matmul ceiling and reports its own peak RSS.
+With --same-process all implementations run interleaved in this process (torch as `torch`, PASSIVE).
+GFLOP/s comes from XLA's cost analysis of one compiled step times the number of steps (the scan's own cost
+analysis counts its loop body once, whatever the trip count: column scan_cost_gflop).
+The last printed line is `sampler_vs_torch=... scan_vs_loop=... matmul_frac=... rss_vs_torch=...
+torch_policy=... baseline=...` for config (b), batch 16.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -32,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, measure, worker
 from diffuseg_jax.config_files import load_config
 from diffuseg_jax.models.cond_unet import CondUNet, build_cond_unet
 from diffuseg_jax.sampling import sampler, schedules
@@ -40,7 +50,8 @@ from diffuseg_jax.sampling import sampler, schedules
 CONFIGS = ('mnist_m', 'mscmr')
 LABELS = {'mnist_m': '(a) MNIST-M pixel 32x32x3', 'mscmr': '(b) cardiac latent 32x32x4 (128^2 images)'}
 SUMMARY_CASE = ('mscmr', 16)  # the config and batch of the one-line summary
-IMPLS = ('scan', 'loop', 'torch')
+IMPLS = ('scan', 'loop', 'torch')  # torch: one implementation per OpenMP policy (--omp-policies)
+JAX_IMPLS = ('scan', 'loop')
 MNIST_M_CHANNELS = 3  # MNIST-M images are RGB; pixel-space diffusion (autoencoder.kind='identity')
 
 
@@ -86,12 +97,15 @@ def make_case(name: str, steps: int, quick: bool = False, dtype: str = 'float32'
   return Case(name, model, (h, w, c), sampler.SamplerSettings.from_config(cfg), alphas)
 
 
+def _init_fn(case: Case):
+  h, w, c = case.latent
+  return lambda k: case.model.init(k, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32),
+                                   jnp.zeros((1, case.model.cond_dim)), jnp.zeros((1,), bool))['params']
+
+
 def init_params(case: Case, seed: int = 0):
   """Random weights (common.host_params: every leaf non-zero, the zero-initialised output conv too)."""
-  h, w, c = case.latent
-  return common.host_params(lambda k: case.model.init(
-      k, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, case.model.cond_dim)),
-      jnp.zeros((1,), bool))['params'], seed)
+  return common.host_params(_init_fn(case), seed)
 
 
 def make_inputs(case: Case, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -133,74 +147,50 @@ def jax_noise(case: Case, key: jax.Array, shape: tuple[int, ...]) -> tuple[np.nd
   """(x_T, per-step x_seg noise [S, ...]) that the JAX sampler draws from `key` (see sampler.py's docstring:
   rng -> (x_T key, step key); step i uses fold_in(step key, i) split into (DDIM key, x_seg key)); used to
   feed the torch sampler the same noise for the equivalence check."""
-  key_init, key_steps = jax.random.split(key)
-  x_t = jax.random.normal(key_init, shape, jnp.float32)
-  seg = [jax.random.normal(jax.random.split(jax.random.fold_in(key_steps, i))[1], shape, jnp.float32)
-         for i in range(case.settings.num_steps)]
-  return np.asarray(x_t), np.asarray(jnp.stack(seg))
+  def draw(key):  # one program: drawn op by op, the steps' tiny compilations took seconds on a busy CPU
+    key_init, key_steps = jax.random.split(key)
+    seg_key = lambda i: jax.random.split(jax.random.fold_in(key_steps, i))[1]
+    seg = jax.vmap(lambda i: jax.random.normal(seg_key(i), shape, jnp.float32))(jnp.arange(case.settings.num_steps))
+    return jax.random.normal(key_init, shape, jnp.float32), seg
+
+  x_t, seg = jax.jit(draw)(key)
+  return np.asarray(x_t), np.asarray(seg)
 
 
-# --- PyTorch reference -------------------------------------------------------------------------------------
+# --- PyTorch reference (benchmarks/torch_side.py) -----------------------------------------------------------
 
-def torch_reference(case: Case, params):
-  """(torch CondUNet with our weights, diffusers DDIMScheduler matching our schedule and DDIM timesteps)."""
-  import diffusers
-  import torch
-
+def torch_meta(case: Case, params) -> dict[str, Any]:
+  """What the torch reference of `case` needs besides the weights and the schedule, as JSON values."""
   from benchmarks import torch_mirror
 
   s = case.settings
-  if s.blend_mode != 'hard' or s.guidance_scale != 1.0 or s.eta != 0.0:
-    raise ValueError('the torch reference implements hard blending, guidance_scale=1, eta=0 (the configs)')
-  net = torch_mirror.cond_unet_from_linen(case.model, case.latent[-1])
-  net.load_flax(jax.tree.map(np.asarray, params))
-  if torch_mirror.count_params(net) != common.param_count(params):
-    raise AssertionError('torch mirror and linen CondUNet differ in parameter count')
-  net = net.eval().to(common.torch_device())
-  sched = diffusers.DDIMScheduler(num_train_timesteps=len(case.alphas_cumprod), beta_schedule='linear',
-                                  clip_sample=False, set_alpha_to_one=True, steps_offset=0,
-                                  timestep_spacing='trailing', prediction_type='epsilon')
-  sched.alphas_cumprod = torch.from_numpy(np.asarray(case.alphas_cumprod, np.float32))  # exactly ours
-  sched.set_timesteps(s.num_steps)
-  ours, _ = schedules.ddim_timesteps(len(case.alphas_cumprod), s.num_steps)
-  if not np.array_equal(sched.timesteps.numpy(), ours):
-    raise AssertionError('diffusers trailing DDIM timesteps differ from schedules.ddim_timesteps')
-  return net, sched
+  settings = {k: getattr(s, k) for k in ('num_steps', 'eta', 'guidance_scale', 'blend_mode', 'blend_until',
+                                         'clip_x0', 'prediction_type') if hasattr(s, k)}
+  return {'arch': torch_mirror.architecture(case.model, case.latent[-1]), 'num_params': common.param_count(params),
+          'settings': settings}
+
+
+def torch_reference(case: Case, params, device: str | None = None):
+  """(torch CondUNet with our weights, diffusers DDIMScheduler matching our schedule and DDIM timesteps)."""
+  from benchmarks import torch_side
+
+  timesteps, _ = schedules.ddim_timesteps(len(case.alphas_cumprod), case.settings.num_steps)
+  return torch_side.sampler_reference(torch_meta(case, params), jax.tree.map(np.asarray, params),
+                                      case.alphas_cumprod, timesteps, device or common.torch_device())
 
 
 def torch_sample(net, sched, settings: sampler.SamplerSettings, region, mask, z_dom, x_t=None,
                  seg_noise=None):
-  """Blended DDIM in PyTorch (NCHW): diffusers' DDIMScheduler.step, then hard blending with the noised region.
+  """Blended DDIM in PyTorch (torch_side.sample with our settings)."""
+  from benchmarks import torch_side
 
-  region [B,C,h,w], mask [B,1,h,w], z_dom [B,D]; x_t / seg_noise [S,B,C,h,w] optional fixed noise.
-  """
-  import torch
-
-  b = region.shape[0]
-  drop = torch.zeros(b, dtype=torch.bool, device=region.device)
-  x = torch.randn_like(region) if x_t is None else x_t
-  t_stride = sched.config.num_train_timesteps // sched.num_inference_steps
-  with torch.inference_mode():
-    for i, t in enumerate(sched.timesteps):
-      eps = net(x, t.to(region.device).expand(b), z_dom, drop)
-      x_dom = sched.step(eps, t, x, eta=settings.eta).prev_sample
-      if i < settings.blend_until * settings.num_steps:
-        t_prev = int(t) - t_stride
-        a_prev = sched.alphas_cumprod[t_prev] if t_prev >= 0 else sched.final_alpha_cumprod
-        a_prev = a_prev.to(region.device)
-        noise = torch.randn_like(x) if seg_noise is None else seg_noise[i]
-        x_seg = a_prev.sqrt() * region + (1.0 - a_prev).sqrt() * noise
-        x = x_dom * (1.0 - mask) + x_seg * mask
-      else:
-        x = x_dom
-  return common.torch_sync(x)
+  return torch_side.sample(net, sched, dataclasses.asdict(settings), region, mask, z_dom, x_t, seg_noise)
 
 
 def _nchw(a, device):
-  import torch
+  from benchmarks import torch_side
 
-  a = np.asarray(a, np.float32)
-  return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3) if a.ndim >= 4 else a)).to(device)
+  return torch_side.nchw(a, device)
 
 
 def check_equivalence(case: Case, params, net, sched, scan_fn, batch: int,
@@ -212,7 +202,7 @@ def check_equivalence(case: Case, params, net, sched, scan_fn, batch: int,
   import torch
 
   tol = common.equivalence_tolerance() if tol is None else tol
-  dev = common.torch_device()
+  dev = next(net.parameters()).device.type
   h, w, c = case.latent
   rng = np.random.default_rng(1)
   x = rng.standard_normal((2, h, w, c)).astype(np.float32)
@@ -246,7 +236,148 @@ def _assert_within(case: Case, errs: dict[str, float], tol: float) -> dict[str, 
   return errs
 
 
-# --- the benchmark -----------------------------------------------------------------------------------------
+# --- the JAX implementations of one case -------------------------------------------------------------------
+
+def jax_runs(case: Case, params, host: dict[str, np.ndarray], batch: int, impls,
+             step_flops: bool = True) -> dict[str, Any]:
+  """The timed callables of the JAX implementations in `impls` (scan, loop) on `host` inputs, with their
+  compile times, the FLOPs of one step (lowering the loop's step: skipped when neither the loop runs nor
+  `step_flops`) and the scan's own cost analysis; 'compiled': the AOT scan (or None)."""
+  scan_jit, loop = jax_samplers(case)
+  inputs = {k: jnp.asarray(v) for k, v in host.items()}
+  args = (params, jax.random.key(batch), inputs['region'], inputs['mask'], inputs['z_dom'])
+  out = {'runs': {}, 'compile_s': {}, 'scan_flops': None, 'compiled': None}
+  if 'scan' in impls:
+    t0 = time.perf_counter()
+    lowered = scan_jit.lower(*args)
+    compiled = lowered.compile()
+    out['compile_s']['scan'] = time.perf_counter() - t0
+    out['scan_flops'], out['compiled'] = common.xla_flops(lowered), compiled
+    out['runs']['scan'] = lambda: compiled(*args).block_until_ready()
+  out['flops'] = None
+  if 'loop' in impls or step_flops:
+    t0 = time.perf_counter()
+    step = lower_step(loop, params, inputs)  # its cost analysis gives the FLOPs of one step
+    out['flops'] = common.xla_flops(step)
+  if 'loop' in impls:
+    step.compile()  # only to report the loop's compile time
+    out['compile_s']['loop'] = time.perf_counter() - t0
+    out['runs']['loop'] = lambda: loop(params, case.alphas_cumprod, *args[1:])[0].block_until_ready()
+  return out
+
+
+def check_loop(config: str, dtype: str, loop_out, scan_out) -> float:
+  """Max |loop - scan| / max |scan| of the samples (same keys, same steps); AssertionError above 1e-4 in
+  float32, 5e-2 in bfloat16 (fusion-dependent rounding)."""
+  loop_out, scan_out = np.asarray(loop_out, np.float32), np.asarray(scan_out, np.float32)
+  err = float(np.max(np.abs(loop_out - scan_out)) / np.max(np.abs(scan_out)))
+  if not err <= (1e-4 if dtype == 'float32' else 5e-2):
+    raise AssertionError(f'{config}: loop sampler differs from the scan sampler: rel err {err:.2e}')
+  return err
+
+
+def _flop_columns(case: Case, batch: int, name: str, flops, scan_flops) -> dict[str, Any]:
+  return {'step_gflop': flops / 1e9 if flops else None,
+          'gflop_per_image': flops * case.settings.num_steps / batch / 1e9 if flops else None,
+          'scan_cost_gflop': scan_flops / 1e9 if (scan_flops and name == 'scan') else None}
+
+
+# --- the separate-process method (default) ------------------------------------------------------------------
+
+def check_worker(spec: dict[str, Any]) -> dict[str, Any]:
+  """The check process (JAX and PyTorch): per config, draws the weights and every batch's inputs into an .npz
+  for the timing processes, then checks the torch reference built from that .npz against ours."""
+  with_torch = spec['with_torch']
+  device = common.torch_device() if with_torch else None
+  out = {'backend': jax.default_backend(), 'torch_device': device, 'env': common.jax_environment(),
+         'checks': {}, 'cases': {}}
+  for name in spec['configs']:
+    case = make_case(name, spec['steps'], spec['quick'], spec['dtype'])
+    params = init_params(case)
+    timesteps, _ = schedules.ddim_timesteps(len(case.alphas_cumprod), case.settings.num_steps)
+    arrays = {**measure.flatten(params, 'params/'), 'alphas_cumprod': np.asarray(case.alphas_cumprod, np.float32),
+              'timesteps': timesteps}
+    for batch in spec['batches']:
+      arrays.update({f'inputs/{batch}/{k}': v for k, v in make_inputs(case, batch).items()})
+    path = os.path.join(spec['dir'], f'sampler_{name}.npz')
+    np.savez(path, **arrays)
+    out['cases'][name] = {'npz': path}
+    if with_torch:
+      from benchmarks import torch_side
+
+      meta = out['cases'][name]['meta'] = torch_meta(case, params)
+      loaded = measure.load_npz(path)  # what the torch timing processes load
+      net, sched = torch_side.sampler_reference(meta, measure.unflatten(loaded, 'params/'), loaded['alphas_cumprod'],
+                                                loaded['timesteps'], device)
+      out['checks'][name] = check_equivalence(case, params, net, sched, jax_samplers(case)[0],
+                                              spec['batches'][0])
+  return out
+
+
+def jax_worker(spec: dict[str, Any]) -> dict[str, Any]:
+  """A JAX timing process: one implementation (scan or loop) of one (config, batch), weights and inputs from
+  the check process's .npz; saves its warm-up samples to spec['output'] (the parent compares loop and scan)."""
+  case = make_case(spec['config'], spec['steps'], spec['quick'], spec['dtype'])
+  arrays = measure.load_npz(spec['npz'])
+  params = jax.tree.map(jnp.asarray, measure.unflatten(arrays, 'params/'))
+  batch, impl = spec['batch'], spec['impl']
+  host = {k: arrays[f'inputs/{batch}/{k}'] for k in ('region', 'mask', 'z_dom')}
+  jx = jax_runs(case, params, host, batch, (impl,), spec.get('step_flops', True))
+  (m,) = measure.measure(jx['runs'], batch, spec['repeats'], device_peak=lambda _: common.device_peak_bytes()).values()
+  np.save(spec['output'], np.asarray(m.output))
+  row = {**m.row(), 'compile_s': jx['compile_s'].get(impl),
+         **_flop_columns(case, batch, impl, jx['flops'], jx['scan_flops'])}
+  return {'row': row, 'env': common.jax_environment()}
+
+
+def run_separate(configs: tuple[str, ...], batches: tuple[int, ...], steps: int, repeats: int, quick: bool,
+                 with_torch: bool, matmul_n: int | None, dtype: str = 'float32', impls: tuple[str, ...] = IMPLS,
+                 policies: tuple[str, ...] = common.OMP_POLICIES, work_dir: str | None = None) -> dict[str, Any]:
+  """The benchmark with one process per (case, implementation) (benchmarks/worker.py); returns {'method',
+  'env', 'ceiling', 'rows', 'checks', 'processes', 'summary'}. This process starts no JAX backend."""
+  with_torch = with_torch and 'torch' in impls and common.importable('torch', 'diffusers')
+  base = {'harness': 'sampler', 'steps': steps, 'quick': quick, 'dtype': dtype, 'repeats': repeats}
+  rows, torch_env = [], None
+  with worker.Session(work_dir) as session:
+    check = session.spawn('check', {**base, 'role': 'check', 'configs': list(configs), 'batches': list(batches),
+                                    'with_torch': with_torch, 'dir': session.dir})
+    checks = check['checks']
+    n = common.resolve_matmul_n(matmul_n, quick, check['backend'])
+    session.spawn('numpy', {'role': 'numpy', 'matmul_n': n})
+    for name in configs:
+      info = check['cases'][name]
+      case_spec = {**base, 'config': name, 'npz': info['npz'], 'matmul_n': n}
+      for batch in batches:
+        case_rows, outputs = [], {}
+        for impl in (i for i in JAX_IMPLS if i in impls):
+          outputs[impl] = session.path(f'{name}_b{batch}_{impl}.npy')
+          out = session.spawn(f'{name}_b{batch}_{impl}', {**case_spec, 'role': 'jax', 'impl': impl, 'batch': batch,
+                                                           'output': outputs[impl],
+                                                           'step_flops': 'loop' not in impls})
+          case_rows.append({'config': name, 'dtype': dtype, 'batch': batch, 'impl': impl, **common.worker_row(out)})
+        for policy in policies if with_torch else ():
+          impl = f'torch_{policy}'
+          out = session.spawn(f'{name}_b{batch}_{impl}', {**case_spec, 'role': 'torch', 'impl': impl, 'batch': batch,
+                                                           'meta': info['meta'], 'torch_device': check['torch_device']},
+                              worker.torch_env(policy))
+          torch_env = torch_env or common.shared_torch_env(out)
+          case_rows.append({'config': name, 'dtype': dtype, 'batch': batch, 'impl': impl, **common.worker_row(out)})
+        if 'loop' in outputs:
+          err = check_loop(name, dtype, np.load(outputs['loop']), np.load(outputs['scan']))
+          c = checks.setdefault(name, {})
+          c['loop_rel_err'] = max(err, c.get('loop_rel_err', 0.0))
+        common.progress_line(f'{name} batch {batch}', case_rows)
+        rows += case_rows
+    result = {'method': common.BASELINES[False],
+              'env': {**measure.host_environment(), **check['env'], 'torch': torch_env},
+              'ceiling': common.ceilings(session.processes, n, dtype), 'rows': rows, 'checks': checks,
+              'processes': session.processes}
+  common.finish_rows(rows, ('config', 'batch'), result['ceiling']['best_gflop_s'])
+  result['summary'] = summary(rows)
+  return result
+
+
+# --- the in-process method (--same-process) ----------------------------------------------------------------
 
 def bench_case(case: Case, batches: tuple[int, ...], repeats: int, impls: tuple[str, ...],
                ceiling_gflops: float) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -265,28 +396,14 @@ def bench_case(case: Case, batches: tuple[int, ...], repeats: int, impls: tuple[
 
 def _bench_batch(case: Case, params, reference, batch: int, repeats: int, ceiling_gflops: float,
                  check: bool, impls: tuple[str, ...] = IMPLS) -> tuple[list[dict[str, Any]], dict[str, float]]:
-  scan_jit, loop = jax_samplers(case)
   host = make_inputs(case, batch)
-  inputs = {k: jnp.asarray(v) for k, v in host.items()}
-  args = (params, jax.random.key(batch), inputs['region'], inputs['mask'], inputs['z_dom'])
-  t0 = time.perf_counter()
-  lowered = scan_jit.lower(*args)
-  compiled = lowered.compile()
-  compile_s = {'scan': time.perf_counter() - t0}
-  t0 = time.perf_counter()
-  step = lower_step(loop, params, inputs)  # its cost analysis gives the FLOPs of one step
-  if 'loop' in impls:
-    step.compile()  # only to report the loop's compile time
-    compile_s['loop'] = time.perf_counter() - t0
-  flops, scan_flops = common.xla_flops(step), common.xla_flops(lowered)
-  runs = {'scan': lambda: compiled(*args).block_until_ready()}
-  if 'loop' in impls:
-    runs['loop'] = lambda: loop(params, case.alphas_cumprod, *args[1:])[0].block_until_ready()
+  jx = jax_runs(case, params, host, batch, ('scan',) + tuple(i for i in impls if i == 'loop'))
+  runs, compile_s = jx['runs'], jx['compile_s']
   checks = {}
   if reference is not None:
     net, sched = reference
     if check:
-      checks = check_equivalence(case, params, net, sched, compiled, batch)
+      checks = check_equivalence(case, params, net, sched, jx['compiled'], batch)
     import torch
     dev = common.torch_device()
     targs = (_nchw(host['region'], dev), _nchw(host['mask'], dev), torch.from_numpy(host['z_dom']).to(dev))
@@ -298,46 +415,24 @@ def _bench_batch(case: Case, params, reference, batch: int, repeats: int, ceilin
 
     runs['torch'] = run_torch
   results = common.measure(runs, batch, repeats)
-  scan_out = results['scan'].output
-  tol = 1e-4 if case.model.dtype == jnp.float32 else 5e-2  # bfloat16: fusion-dependent rounding
-  for name in ('loop',) if 'loop' in results else ():  # same keys, same steps: the same samples
-    err = float(jnp.max(jnp.abs(results[name].output - scan_out)) / jnp.max(jnp.abs(scan_out)))
-    if not err <= tol:
-      raise AssertionError(f'{case.name}: {name} sampler differs from the scan sampler: rel err {err:.2e}')
+  dtype = jnp.dtype(case.model.dtype).name
+  if 'loop' in results:  # same keys, same steps: the same samples
+    check_loop(case.name, dtype, results['loop'].output, results['scan'].output)
   rows = []
   for name, m in results.items():
-    med = m.timing.images_per_second()[0]
-    gflops = flops * case.settings.num_steps / batch * med / 1e9 if flops else None
+    flop_cols = _flop_columns(case, batch, name, jx['flops'], jx['scan_flops'])
+    per_image = flop_cols.pop('gflop_per_image')
+    gflops = per_image * m.timing.images_per_second()[0] if per_image else None
     rows.append({'config': case.name, 'dtype': jnp.dtype(case.model.dtype).name, 'batch': batch, 'impl': name,
-                 **m.row(),
-                 'compile_s': compile_s.get(name),
-                 'gflop_s': gflops, 'frac_of_matmul': common.ratio(gflops, ceiling_gflops),
-                 'step_gflop': flops / 1e9 if flops else None,
-                 'scan_cost_gflop': scan_flops / 1e9 if (scan_flops and name == 'scan') else None})
+                 **m.row(), 'compile_s': compile_s.get(name),
+                 'gflop_s': gflops, 'frac_of_matmul': common.ratio(gflops, ceiling_gflops), **flop_cols})
   return rows, checks
-
-
-def summary(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-  """sampler_vs_torch, scan_vs_loop, matmul_frac for SUMMARY_CASE (None where not measured)."""
-  name, batch = SUMMARY_CASE
-  sel = {r['impl']: r for r in rows if r['config'] == name and r['batch'] == batch}
-  if not sel and rows:  # quick / partial runs: fall back to the last measured config and batch
-    last = rows[-1]
-    sel = {r['impl']: r for r in rows if r['config'] == last['config'] and r['batch'] == last['batch']}
-  get = lambda impl, key: sel.get(impl, {}).get(key)
-  return {'sampler_vs_torch': common.ratio(get('scan', 'img_s'), get('torch', 'img_s')),
-          'scan_vs_loop': common.ratio(get('scan', 'img_s'), get('loop', 'img_s')),
-          'matmul_frac': get('scan', 'frac_of_matmul')}
-
-
-COLUMNS = ('config', 'dtype', 'batch', 'impl', 'img_s', 'img_s_range', 'compile_s', 'first_call_s', 'peak_rss_MiB',
-           'rss_delta_MiB', 'device_peak_MiB', 'gflop_s', 'frac_of_matmul')
 
 
 def run(configs: tuple[str, ...], batches: tuple[int, ...], steps: int, repeats: int, quick: bool,
         with_torch: bool, matmul_n: int, dtype: str = 'float32', impls: tuple[str, ...] = IMPLS) -> dict[str, Any]:
-  """Run the sampler benchmark; returns {'env', 'ceiling', 'rows', 'checks', 'summary'}. The matmul ceiling
-  is measured in `dtype` (the UNet's compute dtype)."""
+  """The in-process benchmark (--same-process); returns {'method', 'env', 'ceiling', 'rows', 'checks',
+  'summary'}. The matmul ceiling is measured in `dtype` (the UNet's compute dtype)."""
   torch = common.torch_or_none() if with_torch else None
   impls = tuple(i for i in impls if i != 'torch' or torch is not None)
   result = common.new_result(matmul_n, dtype, torch)
@@ -350,28 +445,65 @@ def run(configs: tuple[str, ...], batches: tuple[int, ...], steps: int, repeats:
   return common.finish_result(result, summary)
 
 
+# --- summary and command line ------------------------------------------------------------------------------
+
+def summary(rows: list[dict[str, Any]], baseline: str = common.BASELINES[False]) -> dict[str, Any]:
+  """At SUMMARY_CASE (else the last measured case): sampler_vs_torch (scan / the best torch policy),
+  scan_vs_loop, matmul_frac (scan's fraction of JAX's matmul ceiling), and with separate processes
+  rss_vs_torch (scan process peak RSS / that torch process's) and torch_policy; None where not measured."""
+  name, batch = SUMMARY_CASE
+  sel = {r['impl']: r for r in rows if r['config'] == name and r['batch'] == batch}
+  if not sel and rows:  # quick / partial runs: fall back to the last measured config and batch
+    last = rows[-1]
+    sel = {r['impl']: r for r in rows if r['config'] == last['config'] and r['batch'] == last['batch']}
+  get = lambda impl, key: sel.get(impl, {}).get(key)
+  best = common.best_torch(list(sel.values())) or {}
+  values = {'sampler_vs_torch': common.ratio(get('scan', 'img_s'), best.get('img_s')),
+            'scan_vs_loop': common.ratio(get('scan', 'img_s'), get('loop', 'img_s')),
+            'matmul_frac': get('scan', 'frac_of_matmul')}
+  if baseline == common.BASELINES[False]:
+    values['rss_vs_torch'] = common.ratio(get('scan', 'peak_rss_MiB'), best.get('peak_rss_MiB'))
+    values['torch_policy'] = best['impl'].removeprefix('torch_') if best else None
+  values['baseline'] = baseline
+  return values
+
+
+COLUMNS = ('config', 'dtype', 'batch', 'impl', 'img_s', 'img_s_range', 'vs_torch', 'compile_s', 'first_call_s',
+           'peak_rss_MiB', 'rss_delta_MiB', 'device_peak_MiB', 'gflop_s', 'matmul_gflop_s', 'frac_of_matmul',
+           'frac_of_best_matmul')
+SAME_PROCESS_COLUMNS = ('config', 'dtype', 'batch', 'impl', 'img_s', 'img_s_range', 'compile_s', 'first_call_s',
+                        'peak_rss_MiB', 'rss_delta_MiB', 'device_peak_MiB', 'gflop_s', 'frac_of_matmul')
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--configs', default=','.join(CONFIGS), help='comma-separated subset of mnist_m,mscmr')
-  p.add_argument('--batches', default='1,16,64')
-  p.add_argument('--steps', type=int, default=50, help='DDIM steps')
+  p.add_argument('--batches', default=None, help='comma-separated batch sizes (default 1,16,64; --quick: 2)')
+  p.add_argument('--steps', type=int, default=None, help='DDIM steps (default 50; --quick: 2)')
   p.add_argument('--impls', default=','.join(IMPLS), help='comma-separated subset of scan,loop,torch')
   common.add_harness_args(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, Any]:
-  common.prepare_process()
   args = parse_args(argv)
   configs, impls = common.names(args.configs, CONFIGS, 'configs'), common.names(args.impls, IMPLS, 'impls')
   if 'scan' not in impls:
     raise SystemExit('error: --impls must include scan (the sampler every other one is compared with)')
-  batches, steps, repeats = tuple(int(b) for b in args.batches.split(',')), args.steps, args.repeats
-  if args.quick:  # tiny network, 8x8 latents, 2 steps
-    batches, steps, repeats = (2,), 2, 2
-  result = run(configs, batches, steps, repeats, args.quick, not args.no_torch, common.matmul_n(args), args.dtype,
-               impls)
-  common.report(result, COLUMNS, 'torch reference', args.json)
+  policies = common.omp_policies(args)
+  # --quick: tiny network, 8x8 latents, batch 2, 2 steps, 2 runs (each unless given)
+  batches = tuple(int(b) for b in (args.batches or ('2' if args.quick else '1,16,64')).split(','))
+  steps = args.steps or (2 if args.quick else 50)
+  repeats = args.repeats or (2 if args.quick else 5)
+  if args.same_process:
+    common.prepare_process()  # before torch is imported
+    result = run(configs, batches, steps, repeats, args.quick, not args.no_torch, common.matmul_n(args), args.dtype,
+                 impls)
+    common.report(result, SAME_PROCESS_COLUMNS, 'torch reference', args.json)
+  else:
+    result = run_separate(configs, batches, steps, repeats, args.quick, not args.no_torch, args.matmul_n, args.dtype,
+                          impls, policies, args.work_dir)
+    common.report(result, COLUMNS, 'torch reference', args.json)
   return result
 
 

@@ -9,7 +9,8 @@ Details that must match linen (and are easy to get wrong):
   - linen LayerNorm uses epsilon 1e-6 (PyTorch defaults to 1e-5), GroupNorm here uses 1e-5;
   - linen MultiHeadDotProductAttention has biases on q/k/v/out and scales q by 1/sqrt(head_dim);
   - kernels: conv [kh, kw, in, out] -> [out, in, kh, kw]; Dense [in, out] -> [out, in].
-Only imported when torch is installed (the optional `bench` extra).
+Only imported when torch is installed (the optional `bench` extra). Imports no JAX: a PyTorch timing process
+builds its mirror from `architecture(linen_module)` (plain JSON values) and `load_flax(numpy tree)`.
 """
 
 from __future__ import annotations
@@ -305,9 +306,7 @@ class CondUNet(_Mirror):
 
 def cond_unet_from_linen(module, in_channels: int) -> CondUNet:
   """The mirror of a linen `CondUNet` instance (same fields)."""
-  return CondUNet(in_channels, module.out_channels, module.base_channels, module.channel_mult,
-                  module.num_res_blocks, module.attention_levels, module.num_heads, module.cond_dim,
-                  module.cond_mode, module.num_cond_tokens)
+  return from_architecture(architecture(module, in_channels))
 
 
 def _level_channels(base: int, levels: int) -> tuple[int, ...]:
@@ -413,8 +412,7 @@ class FFDVAE(_Mirror):
 
 
 def ffd_vae_from_linen(module) -> FFDVAE:
-  return FFDVAE(module.num_classes, module.out_channels, module.base_channels, module.levels,
-                module.z_seg_channels, module.z_dom_dim)
+  return from_architecture(architecture(module, module.out_channels))
 
 
 class SegUNet(_Mirror):
@@ -453,7 +451,37 @@ class SegUNet(_Mirror):
 
 
 def seg_unet_from_linen(module, in_channels: int) -> SegUNet:
-  return SegUNet(in_channels, module.num_classes, module.base_channels, module.levels)
+  return from_architecture(architecture(module, in_channels))
+
+
+# The linen fields each mirror is built from, in its constructor's order after in_channels.
+_FIELDS = {
+    'CondUNet': ('out_channels', 'base_channels', 'channel_mult', 'num_res_blocks', 'attention_levels',
+                 'num_heads', 'cond_dim', 'cond_mode', 'num_cond_tokens'),
+    'FFDVAE': ('num_classes', 'base_channels', 'levels', 'z_seg_channels', 'z_dom_dim'),
+    'SegUNet': ('num_classes', 'base_channels', 'levels'),
+}
+
+
+def architecture(module, in_channels: int) -> dict[str, Any]:
+  """What the mirror of a linen CondUNet / FFDVAE / SegUNet needs, as JSON values: the linen module stays in
+  the JAX process, a PyTorch-only process gets this (and the weights as numpy arrays)."""
+  kind = type(module).__name__
+  if kind not in _FIELDS:
+    raise TypeError(f'no torch mirror of {kind}')
+  plain = lambda v: [int(x) for x in v] if isinstance(v, (tuple, list)) else v
+  return {'kind': kind, 'in_channels': int(in_channels), **{f: plain(getattr(module, f)) for f in _FIELDS[kind]}}
+
+
+def from_architecture(arch: Mapping[str, Any]) -> _Mirror:
+  """The mirror module described by `architecture(...)` (random weights until `load_flax`)."""
+  kind = arch['kind']
+  args = [arch[f] for f in _FIELDS[kind]]
+  if kind == 'CondUNet':
+    return CondUNet(arch['in_channels'], *args)
+  if kind == 'FFDVAE':  # the FFD-VAE reconstructs its input: out_channels == in_channels
+    return FFDVAE(args[0], arch['in_channels'], *args[1:])
+  return SegUNet(arch['in_channels'], *args)
 
 
 def count_params(module: nn.Module) -> int:

@@ -2,7 +2,8 @@
 
 The harnesses themselves raise if the PyTorch reference or the loop samplers disagree with ours, so running
 them is a correctness check of the references; the torch parts run only when torch (the `bench` extra) is
-installed.
+installed. The default method starts one process per framework (benchmarks/worker.py): the tests check that
+each timing process loaded only its own framework, and that a failed check stops the run before any timing.
 """
 
 import os
@@ -19,33 +20,109 @@ from benchmarks import common  # noqa: E402
 
 common.prepare_process()  # before torch is first imported (OpenMP reads it at load)
 
-from benchmarks import sampler, train_step  # noqa: E402
+from benchmarks import sampler, train_step, worker  # noqa: E402
+
+TINY = ['--quick', '--repeats=1', '--matmul-n=64']
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+  """The timing processes of these tests share one XLA compilation cache: the scan that the check process
+  compiles is the scan worker's, the loop worker compiles its step twice (once to report the compile time).
+  Only the reported compile times change, which nothing here asserts; the benchmarks themselves use none."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('xla_cache')))
+    mp.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+    yield
 
 
 def _has_torch() -> bool:
   return common.torch_or_none() is not None
 
 
-def test_sampler_harness_runs(capsys):
-  result = sampler.main(['--quick', '--configs=mscmr', '--batches=1', '--steps=1', '--repeats=1',
-                         '--matmul-n=64'] + ([] if _has_torch() else ['--no-torch']))
-  impls = {r['impl'] for r in result['rows']}
-  assert impls == ({'scan', 'loop'} | ({'torch'} if _has_torch() else set()))
-  assert all(r['img_s'] > 0 for r in result['rows'])
-  scan = next(r for r in result['rows'] if r['impl'] == 'scan')
-  assert scan['step_gflop'] > 0 and 0 < scan['frac_of_matmul']
+def _torch_args() -> list[str]:
+  return [] if _has_torch() else ['--no-torch']
+
+
+def _assert_one_framework_per_process(result, jax_impls):
+  """Timing processes: JAX ones imported no torch, torch ones no jax, numpy neither; torch ran once per
+  OpenMP policy, JAX without one."""
+  roles = {}
+  for p in result['processes']:
+    roles.setdefault(p['role'], []).append(p)
+    want = {'check': ['jax', 'torch'] if _has_torch() else ['jax'], 'jax': ['jax'], 'torch': ['torch'],
+            'numpy': []}[p['role']]
+    assert p['modules'] == want, p
+  assert [p['impl'] for p in roles['jax']] == list(jax_impls) and len(roles['check']) == len(roles['numpy']) == 1
+  assert all(p['OMP_WAIT_POLICY'] is None for p in roles['jax'])
+  torch_impls = ['torch_active', 'torch_passive'] if _has_torch() else []
+  assert [p['impl'] for p in roles.get('torch', [])] == torch_impls
+  assert [p['OMP_WAIT_POLICY'] for p in roles.get('torch', [])] == [i.split('_')[1].upper() for i in torch_impls]
+  for row in result['rows']:
+    assert row['modules'] == (['torch'] if row['impl'].startswith('torch') else ['jax'])
+    assert row['img_s'] > 0 and row['peak_rss_MiB'] > 0 and row['matmul_gflop_s'] > 0
+    assert row['frac_of_matmul'] > 0 and row['frac_of_best_matmul'] > 0
+  c = result['ceiling']
+  assert {'numpy', 'jax', *torch_impls} <= set(c) and c['best_gflop_s'] >= c['jax']['gflop_s'] > 0
+  return jax_impls + tuple(torch_impls)
+
+
+def test_sampler_separate_processes(capsys):
+  result = sampler.main(TINY + ['--configs=mscmr', '--batches=1', '--steps=1'] + _torch_args())
+  impls = _assert_one_framework_per_process(result, ('scan', 'loop'))
+  assert [r['impl'] for r in result['rows']] == list(impls)
+  scan = result['rows'][0]
+  assert scan['step_gflop'] > 0 and scan['scan_cost_gflop'] > 0
+  checks = result['checks']['mscmr']
+  assert checks['loop_rel_err'] < 1e-4
+  s = result['summary']
+  assert list(s) == ['sampler_vs_torch', 'scan_vs_loop', 'matmul_frac', 'rss_vs_torch', 'torch_policy', 'baseline']
+  assert s['baseline'] == 'separate_processes' and s['scan_vs_loop'] > 0 and s['matmul_frac'] > 0
+  if _has_torch():
+    assert checks['eps_rel_err'] < 1e-3 and checks['sample_rel_err'] < 1e-3  # the check process ran
+    assert s['sampler_vs_torch'] > 0 and s['rss_vs_torch'] > 0 and s['torch_policy'] in common.OMP_POLICIES
+    assert 1.0 in {r['vs_torch'] for r in result['rows'] if r['impl'].startswith('torch')}
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert last.startswith('sampler_vs_torch=') and 'scan_vs_loop=' in last and 'matmul_frac=' in last
+  assert 'rss_vs_torch=' in last and last.endswith('baseline=separate_processes')
+
+
+def test_train_step_separate_processes(capsys):
+  result = train_step.main(TINY + ['--configs=mscmr', '--networks=segment'] + _torch_args())
+  impls = _assert_one_framework_per_process(result, ('ours',))
+  assert [r['impl'] for r in result['rows']] == list(impls)
+  assert result['rows'][0]['step_gflop'] > 0
+  s = result['summary']
+  assert list(s) == ['train_vs_torch', 'torch_policy', 'baseline'] and s['baseline'] == 'separate_processes'
   if _has_torch():
-    assert result['checks']['mscmr']['sample_rel_err'] < 1e-3
+    checks = result['checks']['mscmr/segment']
+    assert checks['loss_rel_err'] < 1e-3 and checks['grad_norm_rel_err'] < 1e-3
+    assert s['train_vs_torch'] > 0 and s['torch_policy'].startswith('segment:')
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith('train_vs_torch=') and last.endswith('baseline=separate_processes')
 
 
-def test_train_step_harness_runs(capsys):
-  result = train_step.main(['--quick', '--configs=mscmr', '--networks=segment', '--repeats=1',
-                            '--matmul-n=64'] + ([] if _has_torch() else ['--no-torch']))
-  assert {r['impl'] for r in result['rows']} == ({'ours', 'torch'} if _has_torch() else {'ours'})
-  assert all(r['img_s'] > 0 and r['step_gflop'] > 0 for r in result['rows'] if r['impl'] == 'ours')
-  assert capsys.readouterr().out.strip().splitlines()[-1].startswith('train_vs_torch=')
+def test_failed_check_stops_the_run_before_timing(monkeypatch):
+  """An equivalence mismatch (an AssertionError in the check process) raises before any timing process."""
+  started = []
+
+  def spawn(self, name, spec, env=None):
+    started.append(spec['role'])
+    raise AssertionError('mscmr: torch reference differs from ours')
+
+  monkeypatch.setattr(worker.Session, 'spawn', spawn)
+  with pytest.raises(AssertionError, match='differs'):
+    sampler.main(TINY + ['--configs=mscmr'])
+  with pytest.raises(AssertionError, match='differs'):
+    train_step.main(TINY + ['--configs=mscmr', '--networks=segment'])
+  assert started == ['check', 'check']
+
+
+def test_worker_failure_is_raised_with_its_traceback(tmp_path):
+  with worker.Session(str(tmp_path)) as session:
+    with pytest.raises(RuntimeError, match='numpy process failed'):
+      session.spawn('numpy', {'role': 'numpy', 'matmul_n': -1})
+    assert session.processes == []
 
 
 @pytest.mark.parametrize('network', train_step.NETWORKS)
@@ -68,27 +145,61 @@ def test_fixed_randomness_loss_is_the_pipelines_loss(network):
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
 
 
-def test_bf16_subset_of_impls_and_lowered_flops():
-  """--dtype=bfloat16 with --impls=scan: only the scan row, the bf16 UNet, and FLOPs from the lowered program
-  (the same count as float32: cost analysis before backend passes does not depend on the compute dtype)."""
-  args = ['--quick', '--configs=mscmr', '--batches=1', '--steps=1', '--repeats=1', '--matmul-n=64', '--no-torch']
-  f32 = sampler.main(args)['rows'][0]
-  bf16 = sampler.main(args + ['--dtype=bfloat16', '--impls=scan'])['rows']
+def test_same_process_bf16_and_no_torch_scan_only():
+  """The old method (--same-process) still runs; --dtype=bfloat16 with --impls=scan: only the scan row, the
+  bf16 UNet, and FLOPs from the lowered program (the same count as float32: cost analysis before backend
+  passes does not depend on the compute dtype). The float32 twin runs with separate processes without torch."""
+  args = TINY + ['--configs=mscmr', '--batches=1', '--steps=1', '--no-torch', '--impls=scan']
+  f32 = sampler.main(args)
+  assert [p['role'] for p in f32['processes']] == ['check', 'numpy', 'jax']
+  assert all('torch' not in p['modules'] for p in f32['processes'])
+  bf16 = sampler.main(args + ['--dtype=bfloat16', '--same-process'])
+  assert bf16['summary']['baseline'] == 'same_process' and 'rss_vs_torch' not in bf16['summary']
+  f32, bf16 = f32['rows'][0], bf16['rows']
   assert [r['impl'] for r in bf16] == ['scan'] and bf16[0]['dtype'] == 'bfloat16' and f32['dtype'] == 'float32'
   assert bf16[0]['step_gflop'] == pytest.approx(f32['step_gflop'], rel=0.05)
   with pytest.raises(SystemExit):
-    sampler.main(args + ['--impls=loop'])  # scan always runs
+    sampler.main(args[:-1] + ['--impls=loop'])  # scan always runs
 
 
 def test_summary_ratios_hand_computed():
-  rows = [{'config': 'mscmr', 'batch': 16, 'impl': 'scan', 'img_s': 30.0, 'frac_of_matmul': 0.25},
+  rows = [{'config': 'mscmr', 'batch': 16, 'impl': 'scan', 'img_s': 30.0, 'frac_of_matmul': 0.25,
+           'peak_rss_MiB': 300.0},
           {'config': 'mscmr', 'batch': 16, 'impl': 'loop', 'img_s': 20.0},
-          {'config': 'mscmr', 'batch': 16, 'impl': 'torch', 'img_s': 10.0},
-          {'config': 'mscmr', 'batch': 1, 'impl': 'torch', 'img_s': 1.0}]
-  assert sampler.summary(rows) == {'sampler_vs_torch': 3.0, 'scan_vs_loop': 1.5, 'matmul_frac': 0.25}
+          {'config': 'mscmr', 'batch': 16, 'impl': 'torch_active', 'img_s': 10.0, 'peak_rss_MiB': 100.0},
+          {'config': 'mscmr', 'batch': 16, 'impl': 'torch_passive', 'img_s': 12.0, 'peak_rss_MiB': 150.0},
+          {'config': 'mscmr', 'batch': 1, 'impl': 'torch_active', 'img_s': 1.0}]
+  assert sampler.summary(rows) == {'sampler_vs_torch': 2.5, 'scan_vs_loop': 1.5, 'matmul_frac': 0.25,
+                                   'rss_vs_torch': 2.0, 'torch_policy': 'passive',
+                                   'baseline': 'separate_processes'}
+  same = [dict(r, impl='torch') if r['impl'] == 'torch_active' else r for r in rows if r['impl'] != 'torch_passive']
+  assert sampler.summary(same, baseline='same_process') == {'sampler_vs_torch': 3.0, 'scan_vs_loop': 1.5,
+                                                            'matmul_frac': 0.25, 'baseline': 'same_process'}
   rows = [{'config': 'mscmr', 'batch': 16, 'network': n, 'impl': i, 'img_s': v}
-          for n, i, v in [('a', 'ours', 8.0), ('a', 'torch', 2.0), ('b', 'ours', 1.0), ('b', 'torch', 1.0)]]
-  assert train_step.summary(rows)['train_vs_torch'] == pytest.approx(2.0)  # sqrt(4 * 1)
+          for n, i, v in [('a', 'ours', 8.0), ('a', 'torch_active', 2.0), ('a', 'torch_passive', 4.0),
+                          ('b', 'ours', 1.0), ('b', 'torch_active', 1.0), ('b', 'torch_passive', 0.5)]]
+  s = train_step.summary(rows)
+  assert s['train_vs_torch'] == pytest.approx(2.0**0.5) and s['torch_policy'] == 'a:passive,b:active'
+
+
+def test_per_case_columns_and_ceilings_hand_computed():
+  """frac_of_matmul against the row's own process's ceiling, frac_of_best_matmul against the best of the run,
+  vs_torch against the faster torch policy; the FLOPs per image come from the JAX row."""
+  rows = [{'config': 'c', 'batch': 2, 'impl': 'scan', 'img_s': 4.0, 'gflop_per_image': 5.0, 'step_gflop': 1.0,
+           'matmul_gflop_s': 100.0},
+          {'config': 'c', 'batch': 2, 'impl': 'torch_active', 'img_s': 2.0, 'matmul_gflop_s': 50.0},
+          {'config': 'c', 'batch': 2, 'impl': 'torch_passive', 'img_s': 1.0, 'matmul_gflop_s': 40.0}]
+  common.finish_rows(rows, ('config', 'batch'), best_ceiling=200.0)
+  assert [r['gflop_s'] for r in rows] == [20.0, 10.0, 5.0] and [r['step_gflop'] for r in rows] == [1.0] * 3
+  assert [r['frac_of_matmul'] for r in rows] == [0.2, 0.2, 0.125]
+  assert [r['frac_of_best_matmul'] for r in rows] == [0.1, 0.05, 0.025]
+  assert [r['vs_torch'] for r in rows] == [2.0, 1.0, 0.5]
+  procs = [{'role': 'numpy', 'ceiling_gflop_s': 90.0}, {'role': 'jax', 'ceiling_gflop_s': 100.0},
+           {'role': 'jax', 'ceiling_gflop_s': 120.0}, {'role': 'check', 'ceiling_gflop_s': None},
+           {'role': 'torch', 'OMP_WAIT_POLICY': 'ACTIVE', 'ceiling_gflop_s': 130.0}]
+  c = common.ceilings(procs, 64, 'float32')
+  assert c['jax'] == {'gflop_s': 110.0, 'min': 100.0, 'max': 120.0, 'processes': 2}
+  assert c['numpy']['gflop_s'] == 90.0 and c['torch_active']['gflop_s'] == 130.0 and c['best_gflop_s'] == 130.0
 
 
 def test_timing_statistics():

@@ -42,8 +42,10 @@ PART_SECONDS=${SD_SECONDS:-480} XLA_PYTHON_CLIENT_MEM_FRACTION=${SD_MEM_FRACTION
   part sd_bf16 -m benchmarks.sd_sampler --batches=64,256,16 --dtype=bfloat16 --repeats=3 --budget-s=40 \
   --stage-batch=64 --stage-batches=4
 
-part sampler_f32 -m benchmarks.sampler --configs=mscmr --batches=1,16,64,256 --repeats=5
+# Each framework in its own process; on a GPU OpenMP's waiting policy does not matter, so torch runs once.
+part sampler_f32 -m benchmarks.sampler --configs=mscmr --batches=1,16,64,256 --repeats=5 --omp-policies=passive
 part sampler_bf16 -m benchmarks.sampler --configs=mscmr --batches=64,256,512 --impls=scan,torch --dtype=bfloat16 \
-  --repeats=5
-part train_f32 -m benchmarks.train_step --configs=mscmr --batches=64,256 --repeats=5
-part train_bf16 -m benchmarks.train_step --configs=mscmr --batches=64,256 --repeats=5 --dtype=bfloat16
+  --repeats=5 --omp-policies=passive
+part train_f32 -m benchmarks.train_step --configs=mscmr --batches=64,256 --repeats=5 --omp-policies=passive
+part train_bf16 -m benchmarks.train_step --configs=mscmr --batches=64,256 --repeats=5 --dtype=bfloat16 \
+  --omp-policies=passive

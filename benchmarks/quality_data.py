@@ -44,8 +44,11 @@ CONTRAST = {
 
 
 def smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-  """Gaussian-filtered white noise scaled to unit std: a texture or bias field with correlation length sigma."""
+  """Gaussian-filtered white noise with zero mean and unit std: a texture or bias field with correlation
+  length sigma. The mean is removed before scaling: a wide filter leaves an almost constant field, and scaling
+  its offset by 1 / std would turn a bias field into a huge gain (or an all-black image)."""
   field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode='wrap')
+  field = field - field.mean()
   return field / max(field.std(), 1e-8)
 
 

@@ -184,6 +184,10 @@ def write_report(ctx, metrics: dict) -> str:
         f'foregrounds, lower = closer; the two images share only z_dom, not anatomy, so this is not the paper\'s '
         f'paired MBS): {fmt(background_distance(q), 2)}',
         '',
+        'Label agreement of the synthetic pairs (mean foreground Dice of the FFD-VAE student\'s segmentation of '
+        'the synthetic images against their given labels; reads no target label, higher = the images show the '
+        f'labelled anatomy where the label puts it): {fmt(q.get("synthetic_label_agreement"), 3)}',
+        '',
     ]
     if q.get('not_computed'):
       lines += ['n/a above:', '', *[f'- `{k}`: {reason}' for k, reason in q['not_computed'].items()], '']

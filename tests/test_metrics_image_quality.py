@@ -170,3 +170,16 @@ def test_fid_avg_pool_excludes_padding():
                   [np.mean([0, 1, 3, 4, 6, 7]), 4.0, np.mean([1, 2, 4, 5, 7, 8])],
                   [np.mean([3, 4, 6, 7]), np.mean([3, 4, 5, 6, 7, 8]), np.mean([4, 5, 7, 8])]])
   np.testing.assert_allclose(got, ref)
+
+
+def test_label_agreement_by_hand():
+  given = np.zeros((2, 4, 4), int)
+  given[0, :2, :2] = 1  # 4 px of class 1
+  given[1, 0, :] = 2  # 4 px of class 2
+  pred = np.zeros_like(given)
+  pred[0, :2, :1] = 1  # 2 px of class 1, inside the given 4
+  pred[1, 0, :2] = 2
+  pred[1, 3, :2] = 2  # 4 px of class 2, 2 of them right
+  # class 1: 2 * 2 / (2 + 4) = 2/3; class 2: 2 * 2 / (4 + 4) = 1/2; class 3 absent from both: skipped
+  assert iq.label_agreement(pred, given, 4) == pytest.approx((2 / 3 + 1 / 2) / 2)
+  assert iq.label_agreement(np.zeros_like(given), np.zeros_like(given), 3) is None

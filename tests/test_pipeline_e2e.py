@@ -40,6 +40,7 @@ def test_metrics_json_has_the_stable_shape(finished_run):
   quality = metrics['evaluate']['image_quality']
   assert 'random-conv' in quality['feature_network'] and quality['fd_synthetic_vs_target'] >= 0
   assert quality['kid_synthetic_vs_target_std'] > 0  # a spread over distinct subsets, not identical ones
+  assert 0.0 <= quality['synthetic_label_agreement'] <= 1.0  # the student on synthetic images vs their labels
 
 
 def test_outputs_on_disk(finished_run):

@@ -131,3 +131,20 @@ def psnr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   b = np.clip((y + 1) / 2, 0, 1)
   mse = np.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
   return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
+
+
+def label_agreement(predicted: np.ndarray, given: np.ndarray, num_classes: int) -> float | None:
+  """Mean over foreground classes of the pooled Dice between `predicted` and `given` label maps [N, H, W].
+
+  With `predicted` = the FFD-VAE student's segmentation of the synthetic images and `given` = the labels they
+  were synthesised from, this asks whether a target-domain segmenter trained without target labels sees the
+  given anatomy where the label puts it: a label-free score of synthetic pairs (no target label is read).
+  Classes absent from both are skipped; None when no foreground class is present at all.
+  """
+  scores = []
+  for k in range(1, num_classes):
+    a, b = predicted == k, given == k
+    total = int(a.sum()) + int(b.sum())
+    if total:
+      scores.append(2.0 * int((a & b).sum()) / total)
+  return float(np.mean(scores)) if scores else None

@@ -8,7 +8,9 @@ metrics.json["evaluate"] (a stable shape for scripts):
      case_std = mean over seeds of the std over cases. HD/HD95 in mm for medical data, pixels otherwise.
   image_quality: {feature_network, num_images, fd_synthetic_vs_target, kid_synthetic_vs_target (mean, std),
                   fd_source_vs_target (the domain gap before synthesis), fd_target_vs_target_test (floor),
-                  background_distance_to_reference, not_computed: {key: reason}}
+                  background_distance_to_reference, synthetic_label_agreement (the student's segmentation of
+                  synthetic images vs their given labels: mean foreground Dice, label-free),
+                  not_computed: {key: reason}}
      a statistic that needs more images than there are (image_quality.MIN_IMAGES_PER_SET per set for FD and
      KID; a few-shot target) is None, its reason in not_computed.
      Every per-seed summary and image_quality carry the fingerprint of the unit that produced them.
@@ -215,6 +217,8 @@ def image_quality_results(ctx) -> dict:
                              ctx.mesh, args=(params,))
   mbs = image_quality.background_similarity_per_pair(synth['image'][pick], refs, synth['label'][pick], ref_labels)
   mbs = mbs[~np.isnan(mbs)]
+  synth_labels = batched_apply(functools.partial(inference.ffd_vae_labels, model=model), synth['image'][pick],
+                               cfg.batch_size, ctx.mesh, args=(params,))
   if not mbs.size:
     not_computed['background_distance_to_reference'] = 'not computed: no pair has background outside both foregrounds'
   return {
@@ -226,6 +230,9 @@ def image_quality_results(ctx) -> dict:
       'fd_source_vs_target': fd('fd_source_vs_target', f_src, f_real),
       'fd_target_vs_target_test': fd('fd_target_vs_target_test', f_test, f_real),
       'background_distance_to_reference': float(mbs.mean()) if mbs.size else None,
+      # The student's segmentation of the synthetic images against their given labels (no target label read).
+      'synthetic_label_agreement': image_quality.label_agreement(np.asarray(synth_labels), synth['label'][pick],
+                                                                 data.num_classes),
       'not_computed': not_computed,
   }
 

@@ -35,10 +35,13 @@ def get_config(arg: str | None = None):
 
 
 def quick(c) -> None:
-  """The published quick preset (README): keep it as it is, its numbers are quoted."""
+  """The published quick preset (README, whose numbers are quoted): minutes on a 2-core CPU.
+
+  Its 300 diffusion steps learn a usable denoiser only with v-prediction and min-SNR weighting: with the
+  paper's eps-prediction the samples were saturated noise and DiffuSeg scored Dice 0.02 (README)."""
   c.data.update(num_source=1000, num_target=1000, num_test=300)
   c.vae.update(teacher_steps=120, student_steps=120, batch_size=32)
-  c.diffusion.update(steps=300, batch_size=16)
+  c.diffusion.update(steps=300, batch_size=16, prediction_type='v_prediction', loss_weighting='min_snr')
   c.sampling.update(num_steps=20, num_masks=256)
   c.segmentation.update(steps=120, batch_size=32, seeds=(0,), strategies='transfer,self,diffuseg')
   c.eval.num_quality_images = 256

@@ -39,8 +39,8 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs',
 # The longest modules first (measured, each 30-120 s on 2 CPU cores): the parallel workers take modules in
 # the order collected, so a long one started last would leave the other worker idle at the end.
 LONGEST_FIRST = ('test_retina_e2e.py', 'test_multiprocess.py', 'test_pipeline_e2e.py', 'test_medical_e2e.py',
-                 'test_preemption.py', 'test_few_shot.py', 'test_cli.py', 'test_diffusers_adapter.py',
-                 'test_benchmarks_smoke.py')
+                 'test_benchmarks_smoke.py', 'test_stable_diffusion.py', 'test_preemption.py', 'test_few_shot.py',
+                 'test_sd_benchmark_smoke.py', 'test_cli.py', 'test_diffusers_adapter.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -13,6 +13,7 @@ leaves whole shards or none.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -79,5 +80,5 @@ class BackgroundWriter:
       return
     try:
       self.close()  # the block failed: still write what was finished, then let its exception go on
-    except BaseException:  # noqa: BLE001 - the block's own exception is the one to report
-      pass
+    except BaseException as e:  # noqa: BLE001 - the block's own exception is the one raised; say this one too
+      logging.getLogger(__name__).error('background writer: a queued write failed too: %r', e)

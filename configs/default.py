@@ -84,6 +84,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Student T: random flips / 90-degree rotations of the target images (training batches only). For
       # few-shot targets; off by default (every published run trained without it).
       augment_target=False,
+      # Student T is distilled on: target (unlabelled target images) | target_and_source (the source images too,
+      # labels unused: the paper's "using the given segmentation dataset" read literally).
+      distill_on='target',
+      # Teacher S: each source image remapped through a random intensity curve (sometimes reversed) plus noise
+      # (data/intensity.py), so that S does not learn the source's contrast. Off: the paper's teacher.
+      augment_source_intensity=False,
   )
 
   # Latent space of the diffusion model (stage `autoencoder`).
@@ -174,6 +180,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=64,
       learning_rate=1e-3,
       augment=True,  # random flips / 90-degree rotations
+      # Random intensity curves (sometimes reversed) plus noise on every training image, every strategy
+      # (data/intensity.py): contrast becomes a nuisance, shape and texture are learned.
+      augment_intensity=False,
       # Which EMA weights evaluation uses: val (the best mean foreground Dice on the labelled validation split,
       # scored every select_every steps; the last step where there is no validation split) | last. Never test.
       select='val',

@@ -31,7 +31,7 @@ from diffuseg_jax.run_identity import SELF_TRAINED
 from diffuseg_jax.sampling import mask_condition, prediction, schedules
 from diffuseg_jax.sampling.blend import BLEND_MODES, LATENT_MASKS
 from diffuseg_jax.sampling.sampler import SamplerSettings
-from diffuseg_jax.stages import autoencoder, diffusion, segment, teacher
+from diffuseg_jax.stages import autoencoder, diffusion, segment, student, teacher
 
 REGION_CONTENTS = ('rendered', 'label')  # sampling.region_content (stages/synthesize.py renders both)
 MASK_SETS = ('source', 'test')  # sampling.mask_set
@@ -40,6 +40,7 @@ CHOICES = {
     'data.name': tuple(DATASETS),
     'data.empty_slices': EMPTY_SLICE_POLICIES,
     'vae.dist': KD_DISTS,
+    'vae.distill_on': student.DISTILL_ON,
     'autoencoder.kind': KINDS,
     'diffusion.schedule': schedules.SCHEDULES,
     'diffusion.cond_mode': COND_MODES,

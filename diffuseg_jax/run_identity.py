@@ -40,10 +40,11 @@ NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 's
 # fingerprint at that value, so adding them recomputes nothing.
 NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none',
            'diffusion.loss_weighting': 'uniform', 'diffusion.min_snr_gamma': 5.0,
+           'vae.augment_source_intensity': False, 'vae.distill_on': 'target', 'segmentation.augment_intensity': False,
            **{f'{s}.compute_dtype': 'inherit' for s in ('vae', 'autoencoder', 'diffusion', 'segmentation')}}
 COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.
-STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.alpha', 'vae.lam', 'vae.dist',
+STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.distill_on', 'vae.alpha', 'vae.lam', 'vae.dist',
                 'vae.latent_temperature')
 SYNTHETIC_STRATEGIES = ('diffuseg', 'semi', 'diffuseg_st')  # segmentation strategies trained on the synthetic pairs
 SELF_TRAINED = {'diffuseg_st': 'diffuseg'}  # strategy -> the strategy whose segmenter gives its pseudo-labels

@@ -45,6 +45,9 @@ def few_shot_run(tmp_path_factory):
   config.segmentation.strategies = 'diffuseg'  # self/semi need target labels; transfer never sees the target
   config.checkpoint.every_steps = config.vae.teacher_steps  # one save per stage: this test is about data sizes
   config.vae.augment_target = config.diffusion.augment = True  # what a few-shot run may turn on
+  # ... and the options beyond the paper that change what the teacher, the student and the segmenter see
+  config.vae.augment_source_intensity = config.segmentation.augment_intensity = True
+  config.vae.distill_on = 'target_and_source'
   workdir = tmp_path_factory.mktemp('few_shot') / 'wd'
   return pipeline.run(config, str(workdir), show_progress=False)
 
@@ -99,6 +102,16 @@ def test_synthesis_makes_the_pairs_asked_for_from_few_masks(few_shot_run):
   np.testing.assert_array_equal(synth['label'], few_shot_run.data.source.labels[synth['mask_index']])
   assert len({image.tobytes() for image in synth['image']}) == n  # a repeated mask gives a new image
   assert few_shot_run.read_results()['synthesize']['num_images'] == n
+
+
+def test_student_is_distilled_on_what_distill_on_says(few_shot_run):
+  from diffuseg_jax.stages import student
+
+  data, config = few_shot_run.data, few_shot_run.config.copy_and_resolve_references()
+  both = student.distillation_images(config, data)
+  np.testing.assert_array_equal(both, np.concatenate([data.target.images, data.source.images]))
+  config.vae.distill_on = 'target'
+  np.testing.assert_array_equal(student.distillation_images(config, data), data.target.images)
 
 
 def test_data_line_counts_cases_and_flags_only_few_shot_targets():

@@ -139,6 +139,17 @@ def test_fingerprints_follow_the_fields_each_unit_reads():
   assert base('student').fingerprint != student_only('student').fingerprint
   unseen = Identities(_config(**{'train.progress': True, 'checkpoint.every_steps': 3, 'eval.batch_size': 8}))
   assert all(base(u).fingerprint == unseen(u).fingerprint for u in ('teacher', 'synthesize', 'quality'))
+  for field, value in (('vae.distill_on', 'target_and_source'), ('vae.augment_target', True)):
+    changed = Identities(_config(**{field: value}))  # the student's own fields keep the teacher
+    assert base('teacher').fingerprint == changed('teacher').fingerprint, field
+    assert base('student').fingerprint != changed('student').fingerprint, field
+  robust_teacher = Identities(_config(**{'vae.augment_source_intensity': True}))
+  assert all(base(u).fingerprint != robust_teacher(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
+  assert base('segment/transfer_seed0').fingerprint == robust_teacher('segment/transfer_seed0').fingerprint
+  contrast = Identities(_config(**{'segmentation.augment_intensity': True}))
+  assert base('synthesize').fingerprint == contrast('synthesize').fingerprint
+  assert all(base(f'segment/{s}_seed0').fingerprint != contrast(f'segment/{s}_seed0').fingerprint
+             for s in ('transfer', 'self', 'diffuseg'))
   threshold = Identities(_config(**{'segmentation.st_threshold': 0.5}))
   assert base('segment/diffuseg_seed0').fingerprint == threshold('segment/diffuseg_seed0').fingerprint
   assert base('segment/diffuseg_st_seed0').fingerprint != threshold('segment/diffuseg_st_seed0').fingerprint

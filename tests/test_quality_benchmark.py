@@ -85,6 +85,17 @@ def test_overrides_reach_the_setting_config(tmp_path):
     quality.parse_overrides(['sampling.blend_until'])
 
 
+def test_quick_preset_screens_with_the_quick_recipe_on_the_cpu_presets_data(tmp_path):
+  from diffuseg_jax.config_files import load_config
+
+  quick = load_config('mnist_m:quick')
+  config = quality.setting_config('multiclass', 'quick', str(tmp_path), (0, 1, 2))
+  assert config.diffusion.steps == quick.diffusion.steps and config.vae.teacher_steps == quick.vae.teacher_steps
+  assert config.segmentation.seeds == (0, 1, 2) and config.segmentation.strategies == ','.join(quality.STRATEGIES)
+  assert config.data.name == 'folder' and config.data.image_size == quality.GENERATED['cpu'][1]
+  assert quality.DATA_OF_PRESET['quick'] == 'cpu'  # the same images as the CPU preset, not new ones
+
+
 @pytest.mark.parametrize('name', quality_data.SETTINGS)
 def test_no_generated_image_is_flat_or_blown_out(name):
   """The bias field is a gain near 1 (zero-mean smooth noise), so no image saturates as a whole; 1,000 target

@@ -26,6 +26,7 @@ import grain
 import jax
 import numpy as np
 
+from diffuseg_jax.data import intensity as intensity_lib
 from diffuseg_jax.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
@@ -91,6 +92,10 @@ def _make_augment(keys: tuple[str, ...], hw: tuple[int, int]):
   return augment
 
 
+def _remap_image(record: Batch, rng: np.random.Generator) -> Batch:
+  return {**record, 'image': intensity_lib.augment_intensity(record['image'], rng)}
+
+
 def train_iterator(
     arrays: dict[str, np.ndarray],
     global_batch_size: int,
@@ -99,6 +104,7 @@ def train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     augment: bool = False,
+    intensity: bool = False,
 ) -> grain.DatasetIterator:
   """Infinite, checkpointable iterator of this process's training batches, from a split of any size >= 1.
 
@@ -115,6 +121,8 @@ def train_iterator(
     augment: random rot90 (square images only) and horizontal/vertical flips, applied identically to every
       key whose records are [H, W, ...] with the image's (H, W); seeded per record position in the
       stream, so a row repeated in another epoch gets an independent transform.
+    intensity: remap each record's 'image' through a random intensity curve plus noise
+      (`intensity.augment_intensity`; other keys untouched), from its own seeded stream.
 
   Two constructions, chosen once for all processes (epochs repeated and reshuffled, never sampling with
   replacement):
@@ -158,6 +166,10 @@ def train_iterator(
     keys, hw = _spatial_keys(arrays)
     if keys:
       ds = ds.random_map(_make_augment(keys, hw), seed=_derive_seed(seed, index, 1))
+  if intensity:
+    if 'image' not in arrays:
+      raise ValueError(f'intensity augmentation needs an "image" key, got {sorted(arrays)}')
+    ds = ds.random_map(_remap_image, seed=_derive_seed(seed, index, 2))
   if whole_epochs:
     ds = ds.batch(batch_size, drop_remainder=True).repeat()
   else:

@@ -120,12 +120,13 @@ def run(ctx) -> None:
     note = ' (oracle: uses real target labels)' if strategy in ORACLE else ''
     logs.say(f'[segment] {strategy} seed {seed}: {len(arrays["image"])} training images{note}')
     last_step_reason = selection.wants_validation(ctx)
+    intensity = bool(ctx.config.segmentation.augment_intensity)
     if last_step_reason is None:
       chooser = selection.BestOnValidation(ctx, t.checkpoint, t.model)
-      ctx.train(t, arrays, augment=ctx.config.segmentation.augment, select=chooser,
+      ctx.train(t, arrays, augment=ctx.config.segmentation.augment, intensity=intensity, select=chooser,
                 select_every=int(ctx.config.segmentation.select_every))
       logs.say(f'[segment] {strategy} seed {seed}: step {chooser.best_step} chosen on the validation split '
                f'(Dice {chooser.best:.3f}, {len(ctx.data.val)} images)')
     else:
       selection.record_last_step(ctx, t.checkpoint, last_step_reason)
-      ctx.train(t, arrays, augment=ctx.config.segmentation.augment)
+      ctx.train(t, arrays, augment=ctx.config.segmentation.augment, intensity=intensity)

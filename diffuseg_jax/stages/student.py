@@ -2,8 +2,9 @@
 
 Batches: {'image': [B,H,W,C] f32 in [-1,1]}. Loss (eq. 6): L_rec + lam (L_kd + alpha L_latent) + beta KL,
 the teacher S frozen (`losses.student_loss`); `vae.augment_target` randomly flips / rotates the target images
-(few-shot targets). After training, T's domain encoder gives z_dom for any target image and T's segmentation
-head gives target pseudo-labels. The stage then writes the pair's diagnostics
+(few-shot targets); `vae.distill_on=target_and_source` adds the source images (no labels) to its training set.
+After training, T's domain encoder gives z_dom for any target image and T's segmentation head gives target
+pseudo-labels. The stage then writes the pair's diagnostics
 (metrics/ffd_vae_diagnostics.py) to `metrics.json["ffd_vae"]`, and figures.
 """
 
@@ -13,6 +14,7 @@ import functools
 import os
 
 import jax
+import numpy as np
 
 from diffuseg_jax import figures, inference, logs, losses, report
 from diffuseg_jax.data import DataSpec
@@ -39,6 +41,18 @@ def load(ctx):
   return t.model, ctx.load(t)
 
 
+DISTILL_ON = ('target', 'target_and_source')  # vae.distill_on
+
+
+def distillation_images(config, data) -> np.ndarray:
+  """float32 [N, H, W, C]: what the student is distilled on. `target` (default): the unlabelled target images;
+  `target_and_source`: the source images too (their labels unused), the paper's "using the given segmentation
+  dataset" read literally; the student then reconstructs both domains."""
+  if config.vae.distill_on == 'target_and_source':
+    return np.concatenate([data.target.images, data.source.images], axis=0)
+  return data.target.images
+
+
 def units(ctx) -> list[str]:
   return ['student']  # the trained student and its diagnostics
 
@@ -47,8 +61,8 @@ def run(ctx) -> None:
   data = ctx.data
   teacher_params = ctx.load(teacher.task(ctx.config, data.spec))
   student = task(ctx.config, data.spec)
-  ctx.train(student, {'image': data.target.images}, frozen=teacher_params, augment=ctx.config.vae.augment_target,
-            complete=False)
+  ctx.train(student, {'image': distillation_images(ctx.config, data)}, frozen=teacher_params,
+            augment=ctx.config.vae.augment_target, complete=False)
   write_diagnostics(ctx, student.model, teacher_params, ctx.load(student))
   ctx.complete('student', student.num_steps)
 

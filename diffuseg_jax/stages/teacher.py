@@ -1,7 +1,9 @@
 """Stage `teacher`: FFD-VAE S on labelled source images (paper section III-B).
 
 Batches: {'image': [B,H,W,C] f32 in [-1,1], 'label': [B,H,W] int32}. Loss: seg_weight (CE + soft Dice),
-L2 reconstruction, beta (KL(z_seg) + KL(z_dom)) (`losses.teacher_loss`).
+L2 reconstruction, beta (KL(z_seg) + KL(z_dom)) (`losses.teacher_loss`). `vae.augment_source_intensity`
+remaps each source image through a random intensity curve (`data/intensity.py`): a teacher that does not rely on
+the source's contrast labels the target better, and the student, `r(m)` and the pseudo-labels inherit that.
 """
 
 from __future__ import annotations
@@ -51,4 +53,5 @@ def units(ctx) -> list[str]:
 
 def run(ctx) -> None:
   data = ctx.data
-  ctx.train(task(ctx.config, data.spec), {'image': data.source.images, 'label': data.source.labels})
+  ctx.train(task(ctx.config, data.spec), {'image': data.source.images, 'label': data.source.labels},
+            intensity=bool(ctx.config.vae.augment_source_intensity))

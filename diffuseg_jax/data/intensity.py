@@ -1,0 +1,59 @@
+"""Random intensity curves: one domain's images shown in many contrasts, so what is learned from them transfers.
+
+A segmenter (or the FFD-VAE teacher) trained on source images learns the source's contrast: which class is
+bright, which is dark. A target from another scanner or sequence may order the classes differently (T1 against
+T2 / PD brain MRI, bright vessels on dark against dark on bright). Remapping each training image through a
+random smooth intensity curve, sometimes decreasing, and adding noise of a random level, makes intensity
+order a nuisance the network cannot rely on, so it has to use shape and texture, which the domains share.
+
+The curve is drawn per image and channel (a colour image gets a random colour mapping): a piecewise-linear
+map of [0, 1] through `points` knots at sorted random positions with sorted random values (so increasing),
+reversed with probability 1/2; applied with probability `prob`, else the image keeps its intensities. Then
+Gaussian noise with a std drawn uniformly in [0, `noise_std`] (in the [-1, 1] image scale), clipped to
+[-1, 1]. Host-side numpy on one record: `pipeline.train_iterator(..., intensity=True)` runs it per record
+with its own seeded stream, so it is deterministic and resumable like the flips.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POINTS = 4  # knots of the curve, the two ends included
+PROB = 0.8  # the rest of the images keep their own contrast
+NOISE_STD = 0.1  # largest additive noise std, [-1, 1] scale
+
+
+def random_curve(rng: np.random.Generator, points: int = POINTS) -> tuple[np.ndarray, np.ndarray]:
+  """(xs, ys), float64 [points] each: knots of a monotone map of [0, 1] onto a random sub-range, increasing
+  or (with probability 1/2) decreasing. xs run from 0 to 1; ys span at least half of [0, 1]."""
+  inner = np.sort(rng.uniform(0.0, 1.0, points - 2))
+  xs = np.concatenate([[0.0], inner, [1.0]])
+  low = rng.uniform(0.0, 0.5)
+  high = rng.uniform(low + 0.5, 1.0)  # keep at least half the range: no image washed out to flat grey
+  ys = low + (high - low) * np.sort(np.concatenate([[0.0], rng.uniform(0.0, 1.0, points - 2), [1.0]]))
+  if rng.random() < 0.5:
+    ys = ys[::-1].copy()
+  return xs, ys
+
+
+def apply_curve(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+  """float32 image in [-1, 1] -> the same shape, each intensity mapped through the curve (xs, ys) on [0, 1]."""
+  unit = (np.clip(image, -1.0, 1.0) + 1.0) * 0.5
+  return (np.interp(unit, xs, ys) * 2.0 - 1.0).astype(np.float32)
+
+
+def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: float = PROB,
+                      noise_std: float = NOISE_STD, points: int = POINTS) -> np.ndarray:
+  """float32 [H, W, C] in [-1, 1] -> float32 [H, W, C] in [-1, 1]: a random curve per channel (with
+  probability `prob`), then Gaussian noise of a random std in [0, noise_std]. Draws the same number of
+  random values whatever happens, so the stream does not depend on the outcome."""
+  image = np.asarray(image, np.float32)
+  channels = image.shape[-1]
+  curves = [random_curve(rng, points) for _ in range(channels)]
+  remap = rng.random() < prob
+  sigma = rng.uniform(0.0, noise_std)
+  noise = rng.standard_normal(image.shape).astype(np.float32)
+  out = image
+  if remap:
+    out = np.stack([apply_curve(image[..., c], *curves[c]) for c in range(channels)], axis=-1)
+  return np.clip(out + sigma * noise, -1.0, 1.0).astype(np.float32)

@@ -88,8 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # labels unused: the paper's "using the given segmentation dataset" read literally).
       distill_on='target',
       # Teacher S: each source image remapped through a random intensity curve (sometimes reversed) plus noise
-      # (data/intensity.py), so that S does not learn the source's contrast. Off: the paper's teacher.
-      augment_source_intensity=False,
+      # (data/intensity.py), so that S does not learn the source's contrast and its pseudo-labels of the target,
+      # which colour r(m), are better (benchmarks/QUALITY.md). False: the paper's teacher.
+      augment_source_intensity=True,
   )
 
   # Latent space of the diffusion model (stage `autoencoder`).
@@ -180,9 +181,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=64,
       learning_rate=1e-3,
       augment=True,  # random flips / 90-degree rotations
-      # Random intensity curves (sometimes reversed) plus noise on every training image, every strategy
-      # (data/intensity.py): contrast becomes a nuisance, shape and texture are learned.
-      augment_intensity=False,
+      # Strategies whose training images get random intensity curves (sometimes reversed) plus noise
+      # (data/intensity.py), so contrast becomes a nuisance and shape and texture are learned: 'a,b' | all | none.
+      augment_intensity='none',
       # Which EMA weights evaluation uses: val (the best mean foreground Dice on the labelled validation split,
       # scored every select_every steps; the last step where there is no validation split) | last. Never test.
       select='val',

@@ -160,6 +160,7 @@ def validate(config) -> None:
   if config.autoencoder.kind == 'pretrained' and not config.autoencoder.path:
     raise ConfigError('config.autoencoder.path is required for autoencoder.kind=pretrained')
   strategies = parse_names(config.segmentation.strategies, segment.STRATEGIES, 'segmentation.strategies')
+  segment.intensity_augmented(config)  # a list of known strategies, 'all' or 'none'
   for strategy, labeller in SELF_TRAINED.items():
     if strategy in strategies and labeller not in strategies:
       raise ConfigError(f'segmentation strategy {strategy} self-trains on the pseudo-labels of {labeller}: add '

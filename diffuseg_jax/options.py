@@ -16,3 +16,14 @@ def parse_names(value: str, choices: tuple[str, ...], field: str) -> list[str]:
     hint = ''.join(f' (did you mean {m[0]!r}?)' for u in unknown if (m := difflib.get_close_matches(u, choices, 1)))
     raise ConfigError(f'config.{field}={value!r}: unknown {unknown}{hint}; choose from {",".join(choices)}')
   return names
+
+
+def strategy_subset(value, choices: tuple[str, ...], field: str) -> frozenset[str]:
+  """A set of strategies given as 'a,b', 'all' (every one of `choices`) or '' / 'none' (empty); an unknown name
+  is a one-line ConfigError."""
+  text = str(value).strip()
+  if text in ('', 'none'):
+    return frozenset()
+  if text == 'all':
+    return frozenset(choices)
+  return frozenset(parse_names(text, choices, field))

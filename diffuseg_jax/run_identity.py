@@ -9,7 +9,8 @@ Units, with what they consume:
   diffusion                            student, autoencoder, diffusion
   synthesize                           student, autoencoder, diffusion, sampling
   segment/<strategy>_seed<k>           data, seed, train, segmentation (+ synthesize for diffuseg, semi and
-                                       diffuseg_st; + segment/diffuseg_seed<k> for diffuseg_st)
+                                       diffuseg_st; + segment/diffuseg_seed<k> for diffuseg_st); of
+                                       segmentation.augment_intensity only whether it names the strategy
   evaluate/<strategy>_seed<k>          segment/<strategy>_seed<k>, eval.hd_percentile
   quality                              synthesize, eval.num_quality_images, eval.inception_path
 
@@ -40,7 +41,7 @@ NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 's
 # fingerprint at that value, so adding them recomputes nothing.
 NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none',
            'diffusion.loss_weighting': 'uniform', 'diffusion.min_snr_gamma': 5.0,
-           'vae.augment_source_intensity': False, 'vae.distill_on': 'target', 'segmentation.augment_intensity': False,
+           'vae.augment_source_intensity': False, 'vae.distill_on': 'target',
            **{f'{s}.compute_dtype': 'inherit' for s in ('vae', 'autoencoder', 'diffusion', 'segmentation')}}
 COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.
@@ -68,8 +69,15 @@ def register(unit: str, unit_spec: UnitSpec) -> None:
   EXTRA_UNITS[unit] = unit_spec
 
 
-def spec(unit: str) -> UnitSpec:
-  """The dependencies of `unit` (see the module docstring)."""
+def _intensity_augmented(values: dict[str, Any], strategy: str) -> bool:
+  """Whether `segmentation.augment_intensity` ('a,b' | 'all' | '' | 'none'; validated elsewhere) names the strategy."""
+  text = str(values.get('segmentation.augment_intensity') or '').strip()
+  return text == 'all' or strategy in {s.strip() for s in text.split(',')}
+
+
+def spec(unit: str, values: dict[str, Any] | None = None) -> UnitSpec:
+  """The dependencies of `unit` (see the module docstring); `values` (`config_values`) where they depend on
+  the config's values, not only on its fields."""
   if unit in EXTRA_UNITS:
     return EXTRA_UNITS[unit]
   kind, _, run = unit.partition('/')
@@ -89,8 +97,12 @@ def spec(unit: str) -> UnitSpec:
     if strategy in SELF_TRAINED:
       upstream += (f'segment/{run_name(SELF_TRAINED[strategy], seed)}',)
     own = () if strategy in SELF_TRAINED else ('-segmentation.st_threshold',)  # read by self-training only
-    return UnitSpec(COMMON + ('segmentation', '-segmentation.strategies', '-segmentation.seeds', *own),
-                    upstream=upstream, extra=(('strategy', strategy), ('seed', seed)))
+    # augment_intensity lists strategies: each unit depends only on whether it is in the list (recorded only
+    # when it is, so that units from before the field keep their fingerprints).
+    augmented = (('augment_intensity', True),) if _intensity_augmented(values or {}, strategy) else ()
+    return UnitSpec(COMMON + ('segmentation', '-segmentation.strategies', '-segmentation.seeds',
+                              '-segmentation.augment_intensity', *own),
+                    upstream=upstream, extra=(('strategy', strategy), ('seed', seed), *augmented))
   if kind == 'evaluate':
     parse_run(run)
     return UnitSpec(('seed', 'data', 'eval.hd_percentile'), upstream=(f'segment/{run}',))
@@ -169,7 +181,7 @@ class Identities:
 
   def __call__(self, unit: str) -> Identity:
     if unit not in self._memo:
-      unit_spec = spec(unit)
+      unit_spec = spec(unit, self._values)
       fields = unit_fields(self._values, unit_spec)
       upstream = {u: self(u).fingerprint for u in unit_spec.upstream}
       fingerprint = _digest({'unit': unit, 'format': FORMAT, 'fields': fields, 'upstream': upstream})

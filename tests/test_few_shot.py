@@ -46,7 +46,7 @@ def few_shot_run(tmp_path_factory):
   config.checkpoint.every_steps = config.vae.teacher_steps  # one save per stage: this test is about data sizes
   config.vae.augment_target = config.diffusion.augment = True  # what a few-shot run may turn on
   # ... and the options beyond the paper that change what the teacher, the student and the segmenter see
-  config.vae.augment_source_intensity = config.segmentation.augment_intensity = True
+  config.vae.augment_source_intensity, config.segmentation.augment_intensity = True, 'diffuseg'
   config.vae.distill_on = 'target_and_source'
   workdir = tmp_path_factory.mktemp('few_shot') / 'wd'
   return pipeline.run(config, str(workdir), show_progress=False)

@@ -143,13 +143,19 @@ def test_fingerprints_follow_the_fields_each_unit_reads():
     changed = Identities(_config(**{field: value}))  # the student's own fields keep the teacher
     assert base('teacher').fingerprint == changed('teacher').fingerprint, field
     assert base('student').fingerprint != changed('student').fingerprint, field
-  robust_teacher = Identities(_config(**{'vae.augment_source_intensity': True}))
-  assert all(base(u).fingerprint != robust_teacher(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
-  assert base('segment/transfer_seed0').fingerprint == robust_teacher('segment/transfer_seed0').fingerprint
-  contrast = Identities(_config(**{'segmentation.augment_intensity': True}))
+  papers_teacher = Identities(_config(**{'vae.augment_source_intensity': False}))  # the default is True
+  assert all(base(u).fingerprint != papers_teacher(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
+  assert base('segment/transfer_seed0').fingerprint == papers_teacher('segment/transfer_seed0').fingerprint
+  contrast = Identities(_config(**{'segmentation.augment_intensity': 'transfer'}))  # only the strategies named
   assert base('synthesize').fingerprint == contrast('synthesize').fingerprint
-  assert all(base(f'segment/{s}_seed0').fingerprint != contrast(f'segment/{s}_seed0').fingerprint
-             for s in ('transfer', 'self', 'diffuseg'))
+  assert base('segment/transfer_seed0').fingerprint != contrast('segment/transfer_seed0').fingerprint
+  assert all(base(f'segment/{s}_seed0').fingerprint == contrast(f'segment/{s}_seed0').fingerprint
+             for s in ('self', 'diffuseg'))
+  every = Identities(_config(**{'segmentation.augment_intensity': 'all'}))
+  assert every('segment/transfer_seed0').fingerprint == contrast('segment/transfer_seed0').fingerprint
+  assert base('segment/self_seed0').fingerprint != every('segment/self_seed0').fingerprint
+  assert Identities(_config(**{'segmentation.augment_intensity': 'none'}))('segment/transfer_seed0').fingerprint == (
+      base('segment/transfer_seed0').fingerprint)
   threshold = Identities(_config(**{'segmentation.st_threshold': 0.5}))
   assert base('segment/diffuseg_seed0').fingerprint == threshold('segment/diffuseg_seed0').fingerprint
   assert base('segment/diffuseg_st_seed0').fingerprint != threshold('segment/diffuseg_st_seed0').fingerprint

@@ -19,7 +19,7 @@ settings): diffuseg_minus_transfer=... frac_of_oracle=... st_minus_transfer=... 
 settings=N. Workdirs are kept per setting (run identity: a rerun with another seed or strategy trains only
 what is new); `summary.json` in --workdir holds every number. `--preset=smoke` runs everything at test sizes
 in a few minutes (it checks the harness, its numbers mean nothing). `--preset=quick` runs every setting with
-configs/mnist_m.py:quick's networks and step counts on the CPU preset's data (about 5 min per setting on 2
+configs/mnist_m.py:quick's networks and step counts on the CPU preset's data (10-20 min per setting on 2
 cores): a screen for candidates, whose winners are then run with the CPU preset.
 """
 

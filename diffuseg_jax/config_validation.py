@@ -27,7 +27,7 @@ from diffuseg_jax.losses import KD_DISTS, LOSS_WEIGHTINGS
 from diffuseg_jax.models.cond_unet import COND_MODES
 from diffuseg_jax.models.latent import KINDS
 from diffuseg_jax.options import parse_names
-from diffuseg_jax.run_identity import SELF_TRAINED
+from diffuseg_jax.run_identity import SELF_TRAINED, intensity_augmented_strategies
 from diffuseg_jax.sampling import mask_condition, prediction, schedules
 from diffuseg_jax.sampling.blend import BLEND_MODES, LATENT_MASKS
 from diffuseg_jax.sampling.sampler import SamplerSettings
@@ -160,7 +160,7 @@ def validate(config) -> None:
   if config.autoencoder.kind == 'pretrained' and not config.autoencoder.path:
     raise ConfigError('config.autoencoder.path is required for autoencoder.kind=pretrained')
   strategies = parse_names(config.segmentation.strategies, segment.STRATEGIES, 'segmentation.strategies')
-  segment.intensity_augmented(config)  # a list of known strategies, 'all' or 'none'
+  intensity_augmented_strategies(config.segmentation.augment_intensity)  # known strategies, 'all' or 'none'
   for strategy, labeller in SELF_TRAINED.items():
     if strategy in strategies and labeller not in strategies:
       raise ConfigError(f'segmentation strategy {strategy} self-trains on the pseudo-labels of {labeller}: add '

@@ -31,6 +31,8 @@ from typing import Any
 
 import ml_collections
 
+from diffuseg_jax.options import strategy_subset
+
 # Bump when the meaning of a unit's outputs changes, so that no earlier output is reused for it.
 FORMAT = 1
 
@@ -47,6 +49,7 @@ COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split a
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.
 STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.distill_on', 'vae.alpha', 'vae.lam', 'vae.dist',
                 'vae.latent_temperature')
+STRATEGIES = ('transfer', 'self', 'semi', 'diffuseg', 'diffuseg_st')  # segmentation strategies, in run order
 SYNTHETIC_STRATEGIES = ('diffuseg', 'semi', 'diffuseg_st')  # segmentation strategies trained on the synthetic pairs
 SELF_TRAINED = {'diffuseg_st': 'diffuseg'}  # strategy -> the strategy whose segmenter gives its pseudo-labels
 
@@ -69,10 +72,10 @@ def register(unit: str, unit_spec: UnitSpec) -> None:
   EXTRA_UNITS[unit] = unit_spec
 
 
-def _intensity_augmented(values: dict[str, Any], strategy: str) -> bool:
-  """Whether `segmentation.augment_intensity` ('a,b' | 'all' | '' | 'none'; validated elsewhere) names the strategy."""
-  text = str(values.get('segmentation.augment_intensity') or '').strip()
-  return text == 'all' or strategy in {s.strip() for s in text.split(',')}
+def intensity_augmented_strategies(value: Any) -> frozenset[str]:
+  """The strategies `segmentation.augment_intensity` names ('a,b' | 'all' | 'none'); an unknown one is a
+  ConfigError. The segment stage trains them on intensity curves; their units' fingerprints record it."""
+  return strategy_subset(value, STRATEGIES, 'segmentation.augment_intensity')
 
 
 def spec(unit: str, values: dict[str, Any] | None = None) -> UnitSpec:
@@ -99,7 +102,8 @@ def spec(unit: str, values: dict[str, Any] | None = None) -> UnitSpec:
     own = () if strategy in SELF_TRAINED else ('-segmentation.st_threshold',)  # read by self-training only
     # augment_intensity lists strategies: each unit depends only on whether it is in the list (recorded only
     # when it is, so that units from before the field keep their fingerprints).
-    augmented = (('augment_intensity', True),) if _intensity_augmented(values or {}, strategy) else ()
+    augmented = (('augment_intensity', True),) if strategy in intensity_augmented_strategies(
+        (values or {}).get('segmentation.augment_intensity', 'none')) else ()
     return UnitSpec(COMMON + ('segmentation', '-segmentation.strategies', '-segmentation.seeds',
                               '-segmentation.augment_intensity', *own),
                     upstream=upstream, extra=(('strategy', strategy), ('seed', seed), *augmented))

@@ -23,13 +23,12 @@ from diffuseg_jax.data import DataSpec
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.models.seg_unet import build_seg_unet
-from diffuseg_jax.options import parse_names, strategy_subset
-from diffuseg_jax.run_identity import SELF_TRAINED, run_name
+from diffuseg_jax.options import parse_names
+from diffuseg_jax.run_identity import SELF_TRAINED, STRATEGIES, intensity_augmented_strategies, run_name
 from diffuseg_jax.synthetic_io import load_synthetic
 from diffuseg_jax.train.state import make_optimizer
 from diffuseg_jax.train.task import Task, linen_init, named_rng
 
-STRATEGIES = ('transfer', 'self', 'semi', 'diffuseg', 'diffuseg_st')
 ORACLE = {'self', 'semi'}
 
 
@@ -111,11 +110,6 @@ def load(ctx, strategy: str, seed: int):
   return t.model, final if selected is None else selected
 
 
-def intensity_augmented(config) -> frozenset[str]:
-  """The strategies whose training images get random intensity curves (`segmentation.augment_intensity`)."""
-  return strategy_subset(config.segmentation.augment_intensity, STRATEGIES, 'segmentation.augment_intensity')
-
-
 def run(ctx) -> None:
   for strategy, seed in runs(ctx):
     t = task(ctx.config, ctx.data.spec, strategy, seed)
@@ -125,7 +119,7 @@ def run(ctx) -> None:
     note = ' (oracle: uses real target labels)' if strategy in ORACLE else ''
     logs.say(f'[segment] {strategy} seed {seed}: {len(arrays["image"])} training images{note}')
     last_step_reason = selection.wants_validation(ctx)
-    intensity = strategy in intensity_augmented(ctx.config)
+    intensity = strategy in intensity_augmented_strategies(ctx.config.segmentation.augment_intensity)
     if last_step_reason is None:
       chooser = selection.BestOnValidation(ctx, t.checkpoint, t.model)
       ctx.train(t, arrays, augment=ctx.config.segmentation.augment, intensity=intensity, select=chooser,

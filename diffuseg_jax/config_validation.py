@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import jax
 
 from diffuseg_jax import runtime, stable_diffusion
-from diffuseg_jax.data import DATASETS, DataSpec
+from diffuseg_jax.data import DATASETS, DataSpec, intensity
 from diffuseg_jax.data.volumes import EMPTY_SLICE_POLICIES
 from diffuseg_jax.errors import ConfigError
 from diffuseg_jax.losses import KD_DISTS, LOSS_WEIGHTINGS
@@ -41,6 +41,7 @@ CHOICES = {
     'data.empty_slices': EMPTY_SLICE_POLICIES,
     'vae.dist': KD_DISTS,
     'vae.distill_on': student.DISTILL_ON,
+    'vae.source_intensity_curves': intensity.CURVES,
     'autoencoder.kind': KINDS,
     'diffusion.schedule': schedules.SCHEDULES,
     'diffusion.cond_mode': COND_MODES,

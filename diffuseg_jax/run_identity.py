@@ -43,7 +43,7 @@ NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 's
 # fingerprint at that value, so adding them recomputes nothing.
 NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none',
            'diffusion.loss_weighting': 'uniform', 'diffusion.min_snr_gamma': 5.0,
-           'vae.augment_source_intensity': False, 'vae.distill_on': 'target',
+           'vae.augment_source_intensity': False, 'vae.source_intensity_curves': 'monotone', 'vae.distill_on': 'target',
            **{f'{s}.compute_dtype': 'inherit' for s in ('vae', 'autoencoder', 'diffusion', 'segmentation')}}
 COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.

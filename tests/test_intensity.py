@@ -105,3 +105,98 @@ def test_intensity_leaves_the_order_and_the_flips_as_they_were():
     np.testing.assert_array_equal(a['label'], b['label'])
     changed += int(not np.array_equal(a['image'], b['image']))
   assert changed == 5
+
+
+def _orders(curves, n=600, seed=5):
+  """The orders (argsort) a family's curves give four fixed class intensities, over n curves."""
+  rng = np.random.default_rng(seed)
+  classes = np.array([0.05, 0.2, 0.55, 0.85])  # a T1-like tissue contrast: background, CSF, GM, WM
+  return [tuple(np.argsort(np.interp(classes, *intensity.random_curve(rng, curves=curves)), kind='stable'))
+          for _ in range(n)]
+
+
+def test_monotone_curves_give_two_class_orders_and_any_gives_many():
+  monotone = set(_orders('monotone'))
+  assert monotone <= {(0, 1, 2, 3), (3, 2, 1, 0)}, monotone  # ties (flat pieces) aside: up or down only
+  orders = _orders('any')
+  assert len(set(orders)) >= 12  # of the 24
+  # T1 -> PD: the background stays darkest while CSF, GM, WM reverse (argsort: background, WM, GM, CSF)
+  assert (0, 3, 2, 1) in orders
+
+
+def test_any_curves_are_non_monotone_about_half_the_time_and_keep_the_range():
+  rng = np.random.default_rng(6)
+  bent = []
+  for _ in range(2000):
+    xs, ys = intensity.random_curve(rng, curves='any')
+    assert xs[0] == 0.0 and xs[-1] == 1.0 and np.all(np.diff(xs) >= 0)
+    assert ys.max() - ys.min() >= 0.5 - 1e-12 and ys.min() >= 0.0 and ys.max() <= 1.0
+    steps = np.diff(ys)
+    bent.append(not (np.all(steps >= 0) or np.all(steps <= 0)))
+  # shuffled half the time; 2 of the 4! orders of the knot values are monotone again: 0.5 * 22 / 24
+  expected = 0.5 * 22 / 24
+  assert abs(np.mean(bent) - expected) < 4 * np.sqrt(expected * (1 - expected) / 2000)
+
+
+def test_monotone_family_draws_what_it_always_drew():
+  """'monotone' must not consume extra random numbers: runs made before the 'any' family existed keep their
+  data stream (and their run fingerprints, where it is the neutral value). The draws, by hand: two inner
+  knots, low, high, two inner values, the reversal coin."""
+  rng, by_hand = np.random.default_rng(9), np.random.default_rng(9)
+  xs, ys = intensity.random_curve(rng, curves='monotone')
+  inner = np.sort(by_hand.uniform(0.0, 1.0, 2))
+  low = by_hand.uniform(0.0, 0.5)
+  high = by_hand.uniform(low + 0.5, 1.0)
+  values = low + (high - low) * np.sort(np.concatenate([[0.0], by_hand.uniform(0.0, 1.0, 2), [1.0]]))
+  if by_hand.random() < 0.5:
+    values = values[::-1]
+  np.testing.assert_array_equal(xs, np.concatenate([[0.0], inner, [1.0]]))
+  np.testing.assert_array_equal(ys, values)
+  assert rng.random() == by_hand.random()  # the same position in the stream
+
+
+def test_unknown_curve_family_is_a_clear_error():
+  with pytest.raises(ValueError, match="'wavy' is not one of monotone, any"):
+    intensity.random_curve(np.random.default_rng(0), curves='wavy')
+  with pytest.raises(ValueError, match="'wavy' is not one of monotone, any"):
+    pipeline.train_iterator(make_arrays(), 4, seed=0, process_index=0, process_count=1, intensity=True, curves='wavy')
+
+
+def test_pipeline_any_curves_reorder_classes_and_resume_exactly():
+  arrays = make_arrays(24)
+  make = lambda: pipeline.train_iterator(arrays, 4, seed=3, process_index=0, process_count=1, intensity=True,
+                                         curves='any')
+  batches = list(itertools.islice(make(), 8))
+  middle_not_between = 0  # the middle class (label 1) outside the range of classes 0 and 2: non-monotone
+  for b in batches:
+    np.testing.assert_array_equal(b['label'], arrays['label'][b['row']])
+    for image, label in zip(b['image'][..., 0], b['label'], strict=True):
+      means = [image[label == k].mean() for k in range(3)]
+      middle_not_between += int(not min(means[0], means[2]) - 0.2 < means[1] < max(means[0], means[2]) + 0.2)
+  assert middle_not_between > 0
+  it = make()
+  list(itertools.islice(it, 5))
+  fresh = make()
+  pipeline.set_iterator_state(fresh, json.loads(json.dumps(pipeline.get_iterator_state(it))))
+  for a, b in zip(batches[5:], itertools.islice(fresh, 3), strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+
+
+@pytest.mark.parametrize(('augment', 'curves'), [(True, 'any'), (False, 'monotone')])
+def test_teacher_trains_on_the_curves_its_config_names(augment, curves, monkeypatch):
+  """The teacher stage hands vae.augment_source_intensity and vae.source_intensity_curves to the pipeline."""
+  from types import SimpleNamespace
+
+  from diffuseg_jax.stages import teacher
+  from tests.fixtures import default_config
+
+  config = default_config()
+  config.vae.augment_source_intensity = augment
+  config.vae.source_intensity_curves = curves
+  calls = []
+  source = SimpleNamespace(images=np.zeros((2, 8, 8, 1), np.float32), labels=np.zeros((2, 8, 8), np.int32))
+  ctx = SimpleNamespace(config=config, data=SimpleNamespace(source=source, spec=None),
+                        train=lambda task, arrays, **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(teacher, 'task', lambda config, spec: 'teacher-task')  # the network is not tested here
+  teacher.run(ctx)
+  assert calls == [{'intensity': augment, 'curves': curves}]

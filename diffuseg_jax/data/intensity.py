@@ -8,7 +8,10 @@ order a nuisance the network cannot rely on, so it has to use shape and texture,
 
 The curve is drawn per image and channel (a colour image gets a random colour mapping): a piecewise-linear
 map of [0, 1] through `points` knots at sorted random positions with sorted random values (so increasing),
-reversed with probability 1/2; applied with probability `prob`, else the image keeps its intensities. Then
+reversed with probability 1/2. With `curves='any'`, half of the curves instead take the knot values in a random
+order: non-monotone maps, which can also reorder classes that are neither darkest nor brightest (T1 against
+T2 / PD tissue: the background stays dark while CSF, grey and white matter reverse). Applied with probability
+`prob`, else the image keeps its intensities. Then
 Gaussian noise with a std drawn uniformly in [0, `noise_std`] (in the [-1, 1] image scale), clipped to
 [-1, 1]. Host-side numpy on one record: `pipeline.train_iterator(..., intensity=True)` runs it per record
 with its own seeded stream, so it is deterministic and resumable like the flips.
@@ -21,11 +24,17 @@ import numpy as np
 POINTS = 4  # knots of the curve, the two ends included
 PROB = 0.8  # the rest of the images keep their own contrast
 NOISE_STD = 0.1  # largest additive noise std, [-1, 1] scale
+CURVES = ('monotone', 'any')  # curve families: increasing or reversed | also non-monotone (half of the curves)
 
 
-def random_curve(rng: np.random.Generator, points: int = POINTS) -> tuple[np.ndarray, np.ndarray]:
+def random_curve(rng: np.random.Generator, points: int = POINTS,
+                 curves: str = 'monotone') -> tuple[np.ndarray, np.ndarray]:
   """(xs, ys), float64 [points] each: knots of a monotone map of [0, 1] onto a random sub-range, increasing
-  or (with probability 1/2) decreasing. xs run from 0 to 1; ys span at least half of [0, 1]."""
+  or (with probability 1/2) decreasing. xs run from 0 to 1; ys span at least half of [0, 1]. curves='any':
+  with probability 1/2 the ys are then put in a random order (a non-monotone map over the same range); the
+  two extra draws are made whatever the outcome. 'monotone' draws exactly what it always drew."""
+  if curves not in CURVES:
+    raise ValueError(f'intensity curves {curves!r} is not one of {", ".join(CURVES)}')
   inner = np.sort(rng.uniform(0.0, 1.0, points - 2))
   xs = np.concatenate([[0.0], inner, [1.0]])
   low = rng.uniform(0.0, 0.5)
@@ -33,6 +42,10 @@ def random_curve(rng: np.random.Generator, points: int = POINTS) -> tuple[np.nda
   ys = low + (high - low) * np.sort(np.concatenate([[0.0], rng.uniform(0.0, 1.0, points - 2), [1.0]]))
   if rng.random() < 0.5:
     ys = ys[::-1].copy()
+  if curves == 'any':
+    shuffle, order = rng.random() < 0.5, rng.permutation(points)
+    if shuffle:
+      ys = ys[order]
   return xs, ys
 
 
@@ -43,17 +56,17 @@ def apply_curve(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray
 
 
 def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: float = PROB,
-                      noise_std: float = NOISE_STD, points: int = POINTS) -> np.ndarray:
-  """float32 [H, W, C] in [-1, 1] -> float32 [H, W, C] in [-1, 1]: a random curve per channel (with
-  probability `prob`), then Gaussian noise of a random std in [0, noise_std]. Draws the same number of
+                      noise_std: float = NOISE_STD, points: int = POINTS, curves: str = 'monotone') -> np.ndarray:
+  """float32 [H, W, C] in [-1, 1] -> float32 [H, W, C] in [-1, 1]: a random curve of family `curves` per
+  channel (with probability `prob`), then Gaussian noise of a random std in [0, noise_std]. Draws the same number of
   random values whatever happens, so the stream does not depend on the outcome."""
   image = np.asarray(image, np.float32)
   channels = image.shape[-1]
-  curves = [random_curve(rng, points) for _ in range(channels)]
+  maps = [random_curve(rng, points, curves) for _ in range(channels)]
   remap = rng.random() < prob
   sigma = rng.uniform(0.0, noise_std)
   noise = rng.standard_normal(image.shape).astype(np.float32)
   out = image
   if remap:
-    out = np.stack([apply_curve(image[..., c], *curves[c]) for c in range(channels)], axis=-1)
+    out = np.stack([apply_curve(image[..., c], *maps[c]) for c in range(channels)], axis=-1)
   return np.clip(out + sigma * noise, -1.0, 1.0).astype(np.float32)

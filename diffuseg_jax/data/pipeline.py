@@ -17,6 +17,7 @@ exactly the batches the original would have.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -92,8 +93,8 @@ def _make_augment(keys: tuple[str, ...], hw: tuple[int, int]):
   return augment
 
 
-def _remap_image(record: Batch, rng: np.random.Generator) -> Batch:
-  return {**record, 'image': intensity_lib.augment_intensity(record['image'], rng)}
+def _remap_image(record: Batch, rng: np.random.Generator, *, curves: str) -> Batch:
+  return {**record, 'image': intensity_lib.augment_intensity(record['image'], rng, curves=curves)}
 
 
 def train_iterator(
@@ -105,6 +106,7 @@ def train_iterator(
     process_count: int | None = None,
     augment: bool = False,
     intensity: bool = False,
+    curves: str = 'monotone',
 ) -> grain.DatasetIterator:
   """Infinite, checkpointable iterator of this process's training batches, from a split of any size >= 1.
 
@@ -123,6 +125,7 @@ def train_iterator(
       stream, so a row repeated in another epoch gets an independent transform.
     intensity: remap each record's 'image' through a random intensity curve plus noise
       (`intensity.augment_intensity`; other keys untouched), from its own seeded stream.
+    curves: the family of those curves, one of `intensity.CURVES`.
 
   Two constructions, chosen once for all processes (epochs repeated and reshuffled, never sampling with
   replacement):
@@ -169,7 +172,9 @@ def train_iterator(
   if intensity:
     if 'image' not in arrays:
       raise ValueError(f'intensity augmentation needs an "image" key, got {sorted(arrays)}')
-    ds = ds.random_map(_remap_image, seed=_derive_seed(seed, index, 2))
+    if curves not in intensity_lib.CURVES:
+      raise ValueError(f'intensity curves {curves!r} is not one of {", ".join(intensity_lib.CURVES)}')
+    ds = ds.random_map(functools.partial(_remap_image, curves=curves), seed=_derive_seed(seed, index, 2))
   if whole_epochs:
     ds = ds.batch(batch_size, drop_remainder=True).repeat()
   else:

@@ -2,8 +2,9 @@
 
 Batches: {'image': [B,H,W,C] f32 in [-1,1], 'label': [B,H,W] int32}. Loss: seg_weight (CE + soft Dice),
 L2 reconstruction, beta (KL(z_seg) + KL(z_dom)) (`losses.teacher_loss`). `vae.augment_source_intensity`
-remaps each source image through a random intensity curve (`data/intensity.py`): a teacher that does not rely on
-the source's contrast labels the target better, and the student, `r(m)` and the pseudo-labels inherit that.
+remaps each source image through a random intensity curve (`data/intensity.py`; of the family
+`vae.source_intensity_curves`): a teacher that does not rely on the source's contrast labels the target better,
+and the student, `r(m)` and the pseudo-labels inherit that.
 """
 
 from __future__ import annotations
@@ -54,4 +55,4 @@ def units(ctx) -> list[str]:
 def run(ctx) -> None:
   data = ctx.data
   ctx.train(task(ctx.config, data.spec), {'image': data.source.images, 'label': data.source.labels},
-            intensity=bool(ctx.config.vae.augment_source_intensity))
+            intensity=bool(ctx.config.vae.augment_source_intensity), curves=ctx.config.vae.source_intensity_curves)

@@ -27,7 +27,7 @@ from diffuseg_jax.losses import KD_DISTS, LOSS_WEIGHTINGS
 from diffuseg_jax.models.cond_unet import COND_MODES
 from diffuseg_jax.models.latent import KINDS
 from diffuseg_jax.options import parse_names
-from diffuseg_jax.run_identity import SELF_TRAINED, intensity_augmented_strategies
+from diffuseg_jax.run_identity import PATH_FIELDS, SELF_TRAINED, intensity_augmented_strategies
 from diffuseg_jax.sampling import mask_condition, prediction, schedules
 from diffuseg_jax.sampling.blend import BLEND_MODES, LATENT_MASKS
 from diffuseg_jax.sampling.sampler import SamplerSettings
@@ -74,9 +74,6 @@ LEVELS = ('vae.levels', 'segmentation.levels')
 # Batches that `train/loop.py` shards over the 'data' mesh axis and splits across processes; sampling and
 # eval batches are rounded up to the device count (`inference.batched_apply`), so any size works there.
 TRAINING_BATCHES = ('vae.batch_size', 'autoencoder.batch_size', 'diffusion.batch_size', 'segmentation.batch_size')
-# Fields holding a local path: a shell does not expand `~` after `=` (`--config.data.root=~/data`).
-PATH_FIELDS = ('sd_path', 'data.root', 'data.target_root', 'data.mnist_idx_dir', 'autoencoder.path',
-               'diffusion.pretrained_unet_path', 'eval.inception_path')
 
 
 def get(config, dotted: str):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -45,6 +46,12 @@ NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full',
            'diffusion.loss_weighting': 'uniform', 'diffusion.min_snr_gamma': 5.0,
            'vae.augment_source_intensity': False, 'vae.source_intensity_curves': 'monotone', 'vae.distill_on': 'target',
            **{f'{s}.compute_dtype': 'inherit' for s in ('vae', 'autoencoder', 'diffusion', 'segmentation')}}
+# Fields holding a local path: a shell does not expand `~` after `=` (`--config.data.root=~/data`). In a
+# fingerprint they stand as the folder they name (home expanded, made absolute against the working directory,
+# links resolved): the same data reached from another folder or through a link keeps its units, and one
+# relative path run from two folders that hold different data does not share them.
+PATH_FIELDS = ('sd_path', 'data.root', 'data.target_root', 'data.mnist_idx_dir', 'autoencoder.path',
+               'diffusion.pretrained_unet_path', 'eval.inception_path')
 COMMON = ('seed', 'data', 'train')  # every training unit: its data, its split and seeds, the optimiser
 # Fields of `vae` that only the student reads: a change to them keeps the teacher.
 STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.distill_on', 'vae.alpha', 'vae.lam', 'vae.dist',
@@ -143,8 +150,13 @@ def _covered(path: str, selector: str) -> bool:
 
 
 def config_values(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Every config field as {dotted path: JSON value} (tuples as lists)."""
-  return _flatten(json.loads(config.to_json_best_effort()))
+  """Every config field as {dotted path: JSON value} (tuples as lists; a path field as the absolute, resolved
+  path of what it names)."""
+  values = _flatten(json.loads(config.to_json_best_effort()))
+  for key in PATH_FIELDS:
+    if isinstance(values.get(key), str) and values[key]:
+      values[key] = os.path.realpath(os.path.expanduser(values[key]))
+  return values
 
 
 def unit_fields(values: dict[str, Any], unit_spec: UnitSpec) -> dict[str, Any]:

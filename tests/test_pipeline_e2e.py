@@ -106,6 +106,24 @@ def _config(**overrides):
   return c
 
 
+def test_a_path_field_is_fingerprinted_as_the_folder_it_names(tmp_path, monkeypatch):
+  """data.root relative, absolute or through a link: one folder, one identity; the same relative path run from
+  two folders (two datasets) must not share units."""
+  for name in ('a', 'b'):
+    (tmp_path / name / 'data').mkdir(parents=True)
+  (tmp_path / 'link').symlink_to(tmp_path / 'a' / 'data')
+  monkeypatch.chdir(tmp_path / 'a')
+  relative = Identities(_config(**{'data.root': 'data'}))('teacher')
+  absolute = Identities(_config(**{'data.root': str(tmp_path / 'a' / 'data')}))('teacher')
+  linked = Identities(_config(**{'data.root': str(tmp_path / 'link')}))('teacher')
+  assert relative.fingerprint == absolute.fingerprint == linked.fingerprint
+  assert relative.fields['data.root'] == os.path.realpath(tmp_path / 'a' / 'data')
+  monkeypatch.chdir(tmp_path / 'b')
+  assert Identities(_config(**{'data.root': 'data'}))('teacher').fingerprint != relative.fingerprint
+  monkeypatch.setenv('HOME', str(tmp_path / 'a'))
+  assert Identities(_config(**{'data.root': '~/data'}))('teacher').fingerprint == relative.fingerprint
+
+
 def _copy(finished_run, tmp_path) -> str:
   wd = str(tmp_path / 'wd')
   shutil.copytree(finished_run.workdir, wd, symlinks=True)

@@ -36,6 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   runtime.resolve_compute_dtypes(config)  # train.compute_dtype=auto: each network's dtype on this backend
   validate(config)
   selected = parse_stages(config.stages, STAGES)
+  _check_workdir_can_be_made(workdir)  # before the data: loading a large set to then fail on a typo costs minutes
   ctx = Context(config=config, workdir=workdir, mesh=make_mesh(config.mesh), show_progress=show_progress,
                 stages=tuple(selected))
   preflight.check_data(ctx)  # load the data: one line per split, and stop on data no stage could use
@@ -78,6 +79,20 @@ def say_plan(ctx: Context, selected: list[str]) -> None:
     for unit in stage_module(name).units(ctx):
       action, why = units.plan_line(ctx.workdir, ctx.identities(unit))
       logs.say(f'plan: {unit:28s} {action:6s} {why}')
+
+
+def _check_workdir_can_be_made(workdir: str) -> None:
+  """A UserError now, creating nothing, if `workdir` could not be made or written: its nearest existing
+  ancestor must be a writable folder. (`_prepare_workdir` then makes it and proves it with a file.)"""
+  from diffuseg_jax.errors import UserError
+
+  path = os.path.abspath(workdir)
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise UserError(f'workdir {workdir!r} is not writable: {path!r} is not a folder')
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UserError(f'workdir {workdir!r} is not writable: no permission to write in {path!r}')
 
 
 def _prepare_workdir(workdir: str) -> None:

@@ -35,7 +35,8 @@ def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('x')
   proc = run_main('--config=configs/test.py', f'--workdir={blocker}/wd')
-  assert 'not writable' in _one_error_line(proc) or 'workdir' in _one_error_line(proc)
+  assert f"workdir '{blocker}/wd' is not writable: '{blocker}' is not a folder" in _one_error_line(proc)
+  assert 'data source' not in proc.stdout + proc.stderr  # found before the data is loaded
 
 
 def test_help_is_fast_and_clean():

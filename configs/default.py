@@ -91,9 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (data/intensity.py), so that S does not learn the source's contrast and its pseudo-labels of the target,
       # which colour r(m), are better (benchmarks/QUALITY.md). False: the paper's teacher.
       augment_source_intensity=True,
-      # Those curves: monotone (increasing or reversed) | any (half of them non-monotone, so classes in the
-      # middle of the range can swap order too, as tissue does between T1 and T2 / PD MRI).
-      source_intensity_curves='monotone',
+      # Those curves: any (half of them non-monotone, so classes in the middle of the range can swap order
+      # too, as tissue does between T1 and T2 / PD MRI) | monotone (increasing or reversed). benchmarks/QUALITY.md.
+      source_intensity_curves='any',
   )
 
   # Latent space of the diffusion model (stage `autoencoder`).

@@ -164,10 +164,10 @@ def test_fingerprints_follow_the_fields_each_unit_reads():
   papers_teacher = Identities(_config(**{'vae.augment_source_intensity': False}))  # the default is True
   assert all(base(u).fingerprint != papers_teacher(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
   assert base('segment/transfer_seed0').fingerprint == papers_teacher('segment/transfer_seed0').fingerprint
-  any_curves = Identities(_config(**{'vae.source_intensity_curves': 'any'}))  # a teacher field; 'monotone' neutral
-  assert all(base(u).fingerprint != any_curves(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
-  assert 'vae.source_intensity_curves' not in base('teacher').fields  # so workdirs made before it keep their units
-  assert any_curves('teacher').fields['vae.source_intensity_curves'] == 'any'
+  monotone = Identities(_config(**{'vae.source_intensity_curves': 'monotone'}))  # a teacher field (default any)
+  assert all(base(u).fingerprint != monotone(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
+  assert 'vae.source_intensity_curves' not in monotone('teacher').fields  # neutral: earlier workdirs keep units
+  assert base('teacher').fields['vae.source_intensity_curves'] == 'any'
   contrast = Identities(_config(**{'segmentation.augment_intensity': 'transfer'}))  # only the strategies named
   assert base('synthesize').fingerprint == contrast('synthesize').fingerprint
   assert base('segment/transfer_seed0').fingerprint != contrast('segment/transfer_seed0').fingerprint

@@ -6,7 +6,7 @@
   python -m diffuseg_jax.main --config=configs/mnist_m.py:sd --config.sd_path=/path/to/sd \
       --workdir=runs/mnist_m_sd  # sd: Stable Diffusion from a local folder, on a GPU (default.py's sd)
 
-The full run took 21 min on an idle 2-core CPU (fresh clone, install included); quick is the same pipeline
+The full run took 21-26 min on a 2-core CPU (fresh clone, install included); quick is the same pipeline
 with fewer steps and smaller batches (a run-through in minutes); gpu trains far longer with batches of 128
 (diffusion 20k steps, segmentation 5k: the sizes for a GPU, train.compute_dtype=auto).
 Pixel-space diffusion (autoencoder.kind='identity') on 32x32x3 images: at this size a latent autoencoder

@@ -36,11 +36,13 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
 
-# The longest modules first (measured, each 30-120 s on 2 CPU cores): the parallel workers take modules in
-# the order collected, so a long one started last would leave the other worker idle at the end.
-LONGEST_FIRST = ('test_retina_e2e.py', 'test_multiprocess.py', 'test_pipeline_e2e.py', 'test_medical_e2e.py',
-                 'test_benchmarks_smoke.py', 'test_stable_diffusion.py', 'test_preemption.py', 'test_few_shot.py',
-                 'test_sd_benchmark_smoke.py', 'test_cli.py', 'test_diffusers_adapter.py')
+# The longest modules first (measured with --durations on 2 CPU cores, 2026-12-03: 500, 300, 230, 150-200 s
+# down to about 30 s): the parallel workers take modules in the order collected (pyproject.toml turns off
+# xdist's reordering by test count), so a long one started last would leave the other worker idle at the end.
+LONGEST_FIRST = ('test_pipeline_e2e.py', 'test_medical_e2e.py', 'test_retina_e2e.py', 'test_benchmarks_smoke.py',
+                 'test_multiprocess.py', 'test_preemption.py', 'test_stable_diffusion.py', 'test_cli.py',
+                 'test_few_shot.py', 'test_selection.py', 'test_sd_benchmark_smoke.py', 'test_models.py',
+                 'test_diffusers_adapter.py', 'test_metrics_image_quality.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -198,6 +198,8 @@ CASES = [
     ('unknown augmented strategy', [*TEST, '--config.segmentation.augment_intensity=transfer,tranfer'], None,
      "config.segmentation.augment_intensity='transfer,tranfer': unknown ['tranfer'] (did you mean 'transfer'?)"),
     ('unknown distillation set', [*TEST, '--config.vae.distill_on=source'], None, "config.vae.distill_on='source'"),
+    ('misspelt flag of the command', [*TEST, '--noprogress'], None,
+     'unknown flag --noprogress (did you mean --no_progress?)'),
     ('unknown curve family', [*TEST, '--config.vae.source_intensity_curves=wavy'], None,
      "config.vae.source_intensity_curves='wavy' is not one of monotone, any"),
     ('unknown mask set', [*TEST, '--config.sampling.mask_set=all'], None, "config.sampling.mask_set='all'"),

@@ -106,7 +106,7 @@ def _describe_flag_error(e: Exception, argv: list[str]) -> str:
   overrides = [arg[2:].split('=', 1) for arg in argv if arg.startswith('--config.')]
   unknown = re.search(r"Unknown command line flag '([^']+)'", text)
   if unknown and not unknown.group(1).startswith('config.'):  # a flag of the command itself, misspelt
-    own = sorted(name for name in flags.FLAGS if name in (_CONFIG.name, _WORKDIR.name, _NO_PROGRESS.name))
+    own = sorted((_CONFIG.name, _WORKDIR.name, _NO_PROGRESS.name))
     close = difflib.get_close_matches(unknown.group(1), own, n=1)
     hint = f'did you mean --{close[0]}?' if close else 'flags: ' + ', '.join(f'--{n}' for n in own)
     return f'unknown flag --{unknown.group(1)} ({hint})'

@@ -27,14 +27,19 @@ NOISE_STD = 0.1  # largest additive noise std, [-1, 1] scale
 CURVES = ('monotone', 'any')  # curve families: increasing or reversed | also non-monotone (half of the curves)
 
 
+def check_curves(curves: str) -> None:
+  """A ValueError naming the families if `curves` is not one of CURVES."""
+  if curves not in CURVES:
+    raise ValueError(f'intensity curves {curves!r} is not one of {", ".join(CURVES)}')
+
+
 def random_curve(rng: np.random.Generator, points: int = POINTS,
                  curves: str = 'monotone') -> tuple[np.ndarray, np.ndarray]:
   """(xs, ys), float64 [points] each: knots of a monotone map of [0, 1] onto a random sub-range, increasing
   or (with probability 1/2) decreasing. xs run from 0 to 1; ys span at least half of [0, 1]. curves='any':
   with probability 1/2 the ys are then put in a random order (a non-monotone map over the same range); the
   two extra draws are made whatever the outcome. 'monotone' draws exactly what it always drew."""
-  if curves not in CURVES:
-    raise ValueError(f'intensity curves {curves!r} is not one of {", ".join(CURVES)}')
+  check_curves(curves)
   inner = np.sort(rng.uniform(0.0, 1.0, points - 2))
   xs = np.concatenate([[0.0], inner, [1.0]])
   low = rng.uniform(0.0, 0.5)

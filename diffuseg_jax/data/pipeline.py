@@ -172,8 +172,7 @@ def train_iterator(
   if intensity:
     if 'image' not in arrays:
       raise ValueError(f'intensity augmentation needs an "image" key, got {sorted(arrays)}')
-    if curves not in intensity_lib.CURVES:
-      raise ValueError(f'intensity curves {curves!r} is not one of {", ".join(intensity_lib.CURVES)}')
+    intensity_lib.check_curves(curves)  # here, not later in a reader thread
     ds = ds.random_map(functools.partial(_remap_image, curves=curves), seed=_derive_seed(seed, index, 2))
   if whole_epochs:
     ds = ds.batch(batch_size, drop_remainder=True).repeat()

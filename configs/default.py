@@ -94,6 +94,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Those curves: any (half of them non-monotone, so classes in the middle of the range can swap order
       # too, as tissue does between T1 and T2 / PD MRI) | monotone (increasing or reversed). benchmarks/QUALITY.md.
       source_intensity_curves='any',
+      # With those curves, also a random smooth bias field and a random blur per source image (data/intensity.py):
+      # the other ways two scanners image one anatomy. benchmarks/QUALITY.md.
+      augment_source_bias_blur=False,
+      # Which weights of the teacher and of the student are kept: last (the final EMA weights, the paper) | val
+      # (those whose segmentation head scores the best Dice on the labelled target validation split, scored every
+      # select_every steps and at the last; the final weights where there is no such split). selection.py.
+      select='last',
+      select_every=20,
   )
 
   # Latent space of the diffusion model (stage `autoencoder`).

@@ -54,6 +54,7 @@ CHOICES = {
     'sampling.region_content': REGION_CONTENTS,
     'sampling.mask_set': MASK_SETS,
     'segmentation.select': ('val', 'last'),
+    'vae.select': ('val', 'last'),
     'train.compute_dtype': (*runtime.COMPUTE_DTYPES, runtime.AUTO),
     **{f'{s}.compute_dtype': (runtime.INHERIT, *runtime.COMPUTE_DTYPES) for s in runtime.DTYPE_SECTIONS},
 }
@@ -61,8 +62,8 @@ POSITIVE_INTS = (
     'data.image_size', 'vae.teacher_steps', 'vae.student_steps', 'vae.batch_size', 'autoencoder.steps',
     'autoencoder.batch_size', 'diffusion.steps', 'diffusion.batch_size', 'diffusion.num_timesteps',
     'sampling.num_steps', 'sampling.batch_size', 'sampling.shard_size', 'sampling.writer_queue', 'segmentation.steps',
-    'segmentation.batch_size', 'segmentation.select_every', 'eval.batch_size', 'checkpoint.every_steps',
-    'checkpoint.max_to_keep', 'checkpoint.preemption_check_every',
+    'segmentation.batch_size', 'segmentation.select_every', 'vae.select_every', 'eval.batch_size',
+    'checkpoint.every_steps', 'checkpoint.max_to_keep', 'checkpoint.preemption_check_every',
     'train.log_every',
 )
 OPTIONAL_POSITIVE_INTS = ('sampling.num_masks', 'data.max_cases')  # None or a positive integer

@@ -109,14 +109,15 @@ class Context:
     return self.is_complete(task.checkpoint)
 
   def train(self, task: task_lib.Task, arrays: dict[str, np.ndarray], *, frozen: Any = None,
-            augment: bool = False, intensity: bool = False, curves: str = 'monotone', complete: bool = True,
+            augment: bool = False, intensity: bool = False, curves: str = 'monotone', bias_blur: bool = False,
+            complete: bool = True,
             select: Any = None, select_every: int = 0) -> FitResult:
     """Trains `task` on shuffled batches of `arrays`, resuming from its newest checkpoint (state and data
     position); the data order is fixed by config.seed and the task's name. A final checkpoint damaged since
     it was written is set aside first (training then resumes from the one before). `complete`: mark the
     unit complete when training ends (False for units with more outputs to write: the caller marks it).
     `augment`: random flips / 90-degree rotations; `intensity`: random intensity curves (of family `curves`,
-    data/intensity.py) + noise on 'image'.
+    data/intensity.py) + noise on 'image', with `bias_blur` also a random bias field and blur.
     `select`, `select_every`: `fit`'s weight-selection hook (selection.py)."""
     cfg = self.config
     unit_path = self.unit_dir(task.checkpoint)
@@ -128,7 +129,8 @@ class Context:
                  'training again from the previous checkpoint')
       _sync(f'set_aside_{task.checkpoint}')
     iterator = pipeline.train_iterator(arrays, task.batch_size, seed=task_lib.data_seed(cfg.seed, task.name),
-                                       augment=augment, intensity=intensity, curves=curves)
+                                       augment=augment, intensity=intensity, curves=curves,
+                                       bias_blur=bias_blur)
     checkpointer = StageCheckpointer(self.checkpoint_dir(task.checkpoint), max_to_keep=cfg.checkpoint.max_to_keep,
                                      config_json=self.config_json)
     writer = None

@@ -45,6 +45,7 @@ NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 's
 NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none',
            'diffusion.loss_weighting': 'uniform', 'diffusion.min_snr_gamma': 5.0,
            'vae.augment_source_intensity': False, 'vae.source_intensity_curves': 'monotone', 'vae.distill_on': 'target',
+           'vae.select': 'last', 'vae.select_every': 20, 'vae.augment_source_bias_blur': False,
            **{f'{s}.compute_dtype': 'inherit' for s in ('vae', 'autoencoder', 'diffusion', 'segmentation')}}
 # Fields holding a local path: a shell does not expand `~` after `=` (`--config.data.root=~/data`). In a
 # fingerprint they stand as the folder they name (home expanded, made absolute against the working directory,

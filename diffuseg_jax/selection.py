@@ -1,8 +1,10 @@
-"""Choosing a segmenter's weights on the validation split, never on the test split (the paper's early stopping).
+"""Choosing a network's weights on the validation split, never on the test split (the paper's early stopping).
 
 With `segmentation.select='val'` and a labelled validation split, the segment stage scores the EMA weights
 every `segmentation.select_every` steps (and at the last step) by their mean foreground Dice on the
-validation images, and keeps the best weights so far in the run's unit folder:
+validation images, and keeps the best weights so far in the run's unit folder. With `vae.select='val'` the
+teacher and the student are chosen the same way, each by its segmentation head's Dice on the (target-domain)
+validation images, every `vae.select_every` steps:
 
   selection.json          {'selected_on': 'val', 'num_images', 'every', 'scores': {step: dice}, 'best_step',
                            'best_val_dice', 'crc32': checksum of the weights file}
@@ -47,10 +49,12 @@ def pooled_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int
   return float(np.mean(scores)) if scores else 1.0
 
 
-def wants_validation(ctx) -> str | None:
-  """None when the segment stage selects on the validation split, else the reason it uses the last step."""
-  if ctx.config.segmentation.select == 'last':
-    return 'segmentation.select=last'
+def wants_validation(ctx, field: str = 'segmentation.select') -> str | None:
+  """None when the stage whose choice is `field` selects on the validation split, else the reason it uses the
+  last step."""
+  section, name = field.split('.')
+  if getattr(getattr(ctx.config, section), name) == 'last':
+    return f'{field}=last'
   val = ctx.data.val
   if val is None or len(val) == 0 or not val.labelled:
     return 'no labelled validation split'
@@ -60,10 +64,12 @@ def wants_validation(ctx) -> str | None:
 class BestOnValidation:
   """`fit`'s selection hook: `self(step, state)` scores state.ema_params on the validation split and keeps the
   best weights (see the module docstring). Every process calls it (the inference is collective); process 0
-  writes."""
+  writes. `predict(params, images) -> int labels [N, H, W]`: the network's segmentation (default: a segmenter's,
+  `evaluate.predict`); `every`: how often it is called (recorded; default segmentation.select_every)."""
 
-  def __init__(self, ctx, unit: str, model):
+  def __init__(self, ctx, unit: str, model, *, predict=None, every: int | None = None):
     self.ctx, self.model, self.folder = ctx, model, ctx.unit_dir(unit)
+    self.predict, self.every = predict, int(ctx.config.segmentation.select_every if every is None else every)
     self.val = ctx.data.val
     previous = units.read_json(os.path.join(self.folder, SELECTION_FILE)) or {}
     self.scores = {int(k): float(v) for k, v in previous.get('scores', {}).items()}
@@ -72,9 +78,12 @@ class BestOnValidation:
     self.crc32 = previous.get('crc32')
 
   def score(self, params) -> float:
-    from diffuseg_jax.stages import evaluate  # the evaluation's own prediction (evaluate imports segment)
+    if self.predict is not None:
+      pred = self.predict(params, self.val.images)
+    else:
+      from diffuseg_jax.stages import evaluate  # the evaluation's own prediction (evaluate imports segment)
 
-    pred = evaluate.predict(self.ctx, self.model, params, self.val.images)
+      pred = evaluate.predict(self.ctx, self.model, params, self.val.images)
     return pooled_foreground_dice(pred, self.val.labels, self.ctx.data.num_classes)
 
   def __call__(self, step: int, state: Any) -> None:
@@ -88,7 +97,7 @@ class BestOnValidation:
       atomic.write_json(os.path.join(self.folder, SELECTION_FILE), self.summary())
 
   def summary(self) -> dict:
-    return {'selected_on': 'val', 'num_images': len(self.val), 'every': int(self.ctx.config.segmentation.select_every),
+    return {'selected_on': 'val', 'num_images': len(self.val), 'every': self.every,
             'scores': {str(k): v for k, v in sorted(self.scores.items())}, 'best_step': self.best_step,
             'best_val_dice': self.best, 'crc32': self.crc32}
 

@@ -202,6 +202,8 @@ CASES = [
      'unknown flag --noprogress (did you mean --no_progress?)'),
     ('unknown curve family', [*TEST, '--config.vae.source_intensity_curves=wavy'], None,
      "config.vae.source_intensity_curves='wavy' is not one of monotone, any"),
+    ('unknown teacher choice', [*TEST, '--config.vae.select=best'], None,
+     "config.vae.select='best' is not one of val, last"),
     ('unknown mask set', [*TEST, '--config.sampling.mask_set=all'], None, "config.sampling.mask_set='all'"),
     ('reversed percentiles', [*TEST, '--config.data.percentiles=(99.5,0.5)'], None,
      'data.percentiles=(99.5, 0.5) must be (low, high) with 0 <= low < high <= 100'),

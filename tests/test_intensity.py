@@ -182,9 +182,10 @@ def test_pipeline_any_curves_reorder_classes_and_resume_exactly():
     np.testing.assert_array_equal(a['image'], b['image'])
 
 
-@pytest.mark.parametrize(('augment', 'curves'), [(True, 'any'), (False, 'monotone')])
-def test_teacher_trains_on_the_curves_its_config_names(augment, curves, monkeypatch):
-  """The teacher stage hands vae.augment_source_intensity and vae.source_intensity_curves to the pipeline."""
+@pytest.mark.parametrize(('augment', 'curves', 'bias_blur'), [(True, 'any', True), (False, 'monotone', False)])
+def test_teacher_trains_on_the_curves_its_config_names(augment, curves, bias_blur, monkeypatch):
+  """The teacher stage hands vae.augment_source_intensity, vae.source_intensity_curves and
+  vae.augment_source_bias_blur to the pipeline."""
   from types import SimpleNamespace
 
   from diffuseg_jax.stages import teacher
@@ -193,10 +194,55 @@ def test_teacher_trains_on_the_curves_its_config_names(augment, curves, monkeypa
   config = default_config()
   config.vae.augment_source_intensity = augment
   config.vae.source_intensity_curves = curves
+  config.vae.augment_source_bias_blur = bias_blur
   calls = []
   source = SimpleNamespace(images=np.zeros((2, 8, 8, 1), np.float32), labels=np.zeros((2, 8, 8), np.int32))
-  ctx = SimpleNamespace(config=config, data=SimpleNamespace(source=source, spec=None),
+  ctx = SimpleNamespace(config=config, data=SimpleNamespace(source=source, spec=None), is_main_process=False,
                         train=lambda task, arrays, **kwargs: calls.append(kwargs))
-  monkeypatch.setattr(teacher, 'task', lambda config, spec: 'teacher-task')  # the network is not tested here
+  # the network is not tested here
+  monkeypatch.setattr(teacher, 'task', lambda config, spec: SimpleNamespace(name='teacher', checkpoint='teacher'))
   teacher.run(ctx)
-  assert calls == [{'intensity': augment, 'curves': curves}]
+  assert calls == [{'intensity': augment, 'curves': curves, 'bias_blur': bias_blur}]
+
+
+def test_bias_field_is_exp_of_a_bilinear_grid():
+  """Against scipy: the log of the field is the 4 x 4 grid of N(0, std^2) values (the same draws) interpolated
+  bilinearly with its corners on the corner pixels (map_coordinates, order 1); std 0 gives a gain of 1."""
+  from scipy import ndimage
+
+  h, w, std = 13, 10, 0.3
+  field = intensity.bias_field((h, w), std, np.random.default_rng(3))
+  coarse = np.random.default_rng(3).standard_normal((intensity.BIAS_GRID, intensity.BIAS_GRID)) * std
+  g = intensity.BIAS_GRID - 1
+  rows, cols = np.meshgrid(np.linspace(0, g, h), np.linspace(0, g, w), indexing='ij')
+  want = np.exp(ndimage.map_coordinates(coarse, [rows, cols], order=1))
+  np.testing.assert_allclose(field, want, rtol=1e-5)
+  np.testing.assert_allclose(field[0, 0], np.exp(coarse[0, 0]), rtol=1e-6)
+  np.testing.assert_allclose(field[-1, -1], np.exp(coarse[-1, -1]), rtol=1e-6)
+  np.testing.assert_array_equal(intensity.bias_field((h, w), 0.0, np.random.default_rng(3)), np.ones((h, w)))
+
+
+def test_bias_blur_by_hand(monkeypatch):
+  """With no curve and no noise: bias_blur multiplies the [0, 1] intensities by the field drawn after the
+  curve's and the noise's draws, then blurs with scipy's Gaussian of the drawn std; with both maxima 0 it
+  changes nothing. Without bias_blur the output is what it always was."""
+  from scipy import ndimage
+
+  image = np.random.default_rng(0).uniform(-0.8, 0.8, (12, 12, 2)).astype(np.float32)
+  plain = intensity.augment_intensity(image, np.random.default_rng(5), prob=0.0, noise_std=0.0)
+  np.testing.assert_array_equal(plain, image)
+  out = intensity.augment_intensity(image, np.random.default_rng(5), prob=0.0, noise_std=0.0, bias_blur=True)
+  rng = np.random.default_rng(5)  # replay the draws: 2 curves, the remap coin, the noise std, the noise
+  for _ in range(2):
+    intensity.random_curve(rng)
+  rng.random(), rng.uniform(0.0, 0.0), rng.standard_normal(image.shape)
+  gain = intensity.bias_field((12, 12), rng.uniform(0.0, intensity.BIAS_STD), rng)
+  sigma = rng.uniform(0.0, intensity.BLUR_SIGMA)
+  unit = np.clip((image + 1) / 2 * gain[..., None], 0, 1)
+  want = np.stack([ndimage.gaussian_filter(unit[..., c], sigma, mode='nearest') for c in range(2)], -1) * 2 - 1
+  np.testing.assert_allclose(out, want, atol=1e-6)
+  assert np.abs(out - image).max() > 0.01
+  monkeypatch.setattr(intensity, 'BIAS_STD', 0.0)
+  monkeypatch.setattr(intensity, 'BLUR_SIGMA', 0.0)
+  same = intensity.augment_intensity(image, np.random.default_rng(5), prob=0.0, noise_std=0.0, bias_blur=True)
+  np.testing.assert_allclose(same, image, atol=1e-6)

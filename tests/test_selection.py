@@ -129,3 +129,92 @@ def test_the_best_scored_step_is_the_one_evaluated(tmp_path, monkeypatch):
   final = ctx.load(t)
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(final), strict=True))
+
+
+def _vae_config(**vae):
+  config = tiny_config()
+  config.vae.update({'teacher_steps': STEPS, 'student_steps': STEPS, 'select': 'val', 'select_every': EVERY, **vae})
+  return config
+
+
+def _ffd_vae_val_dice(ctx, model, params) -> float:
+  """The segmentation head's pooled Dice on the validation split, recomputed here: argmax of the posterior-mean
+  logits over the images one at a time (no batching, no mesh)."""
+  val = ctx.data.val
+  preds = [np.asarray(jax.numpy.argmax(model.apply({'params': params}, val.images[i:i + 1], sample=False)
+                                       ['seg_logits'], -1))[0] for i in range(len(val))]
+  return selection.pooled_foreground_dice(np.stack(preds), val.labels, ctx.data.num_classes)
+
+
+def test_teacher_weights_are_chosen_on_validation_without_reading_the_test_split(tmp_path):
+  """vae.select='val': the teacher is scored by its segmentation head on the validation split every
+  select_every steps; teacher.load gives the best-scoring weights, and the test split is never read."""
+  from diffuseg_jax.stages import teacher
+
+  ctx = _with_validation(make_context(_vae_config(), tmp_path), _Untouchable())
+  teacher.run(ctx)
+  chosen = selection.read(ctx, 'teacher')
+  assert chosen['selected_on'] == 'val' and chosen['every'] == EVERY and chosen['num_images'] == 8
+  scores = {int(k): v for k, v in chosen['scores'].items()}
+  assert sorted(scores) == list(range(EVERY, STEPS + 1, EVERY))
+  assert chosen['best_step'] == max(scores, key=lambda k: (scores[k], -k))
+  t = teacher.task(ctx.config, ctx.data.spec)
+  assert _ffd_vae_val_dice(ctx, t.model, teacher.load(ctx)) == pytest.approx(chosen['best_val_dice'], abs=1e-7)
+  for step, score in scores.items():  # every recorded score is that step's EMA weights' Dice
+    from diffuseg_jax.train import task as task_lib
+    from diffuseg_jax.train.checkpoint import StageCheckpointer
+
+    checkpointer = StageCheckpointer(ctx.checkpoint_dir(t.checkpoint))
+    if step in checkpointer.all_steps():
+      state, _, _ = checkpointer.restore(task_lib.abstract_state(t, ctx.mesh), step=step)
+      assert _ffd_vae_val_dice(ctx, t.model, state.ema_params) == pytest.approx(score, abs=1e-7)
+    checkpointer.close()
+
+
+def test_the_student_distils_the_chosen_teacher_and_is_chosen_too(tmp_path, monkeypatch):
+  """Scores 0.5, 0.9, 0.1 for the teacher: the student is distilled from step 4's weights, not the final ones;
+  the student is then chosen on the validation split the same way."""
+  from diffuseg_jax.stages import student, teacher
+
+  scores = iter([0.5, 0.9, 0.1])
+  real_score = selection.BestOnValidation.score
+  monkeypatch.setattr(selection.BestOnValidation, 'score', lambda self, params: next(scores))
+  ctx = make_context(_vae_config(), tmp_path)
+  ctx.config.checkpoint.every_steps = 2
+  data = ctx.data
+  ctx.data = dataclasses.replace(data, val=data.test.subset(np.arange(8)))
+  teacher.run(ctx)
+  assert selection.read(ctx, 'teacher')['best_step'] == 4
+  monkeypatch.setattr(selection.BestOnValidation, 'score', real_score)
+  distilled = {}
+  real_train = ctx.train
+
+  def spy(t, arrays, **kwargs):
+    distilled['frozen'] = kwargs.get('frozen')
+    return real_train(t, arrays, **kwargs)
+
+  monkeypatch.setattr(ctx, 'train', spy)
+  student.run(ctx)
+  t = teacher.task(ctx.config, ctx.data.spec)
+  final = ctx.load(t)
+  for got, want in zip(jax.tree.leaves(distilled['frozen']), jax.tree.leaves(teacher.load(ctx)), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(distilled['frozen']), jax.tree.leaves(final), strict=True))
+  chosen = selection.read(ctx, 'student')
+  assert chosen['selected_on'] == 'val' and chosen['best_step'] in {int(k) for k in chosen['scores']}
+  model, params = student.load(ctx)
+  assert _ffd_vae_val_dice(ctx, model, params) == pytest.approx(chosen['best_val_dice'], abs=1e-7)
+
+
+def test_the_paper_keeps_the_final_teacher(tmp_path):
+  """vae.select='last' (the default) or no validation labels: the final weights, and selection.json says why."""
+  from diffuseg_jax.stages import teacher
+
+  ctx = make_context(_vae_config(select='last', teacher_steps=2), tmp_path)
+  teacher.run(ctx)
+  assert selection.read(ctx, 'teacher') == {'selected_on': 'last step', 'reason': 'vae.select=last', 'best_step': None}
+  assert teacher.load(ctx) is ctx.load(teacher.task(ctx.config, ctx.data.spec))
+  ctx = make_context(_vae_config(teacher_steps=2), tmp_path / 'no_val')  # the tiny data has no validation split
+  teacher.run(ctx)
+  assert selection.read(ctx, 'teacher')['reason'] == 'no labelled validation split'

@@ -11,19 +11,27 @@ map of [0, 1] through `points` knots at sorted random positions with sorted rand
 reversed with probability 1/2. With `curves='any'`, half of the curves instead take the knot values in a random
 order: non-monotone maps, which can also reorder classes that are neither darkest nor brightest (T1 against
 T2 / PD tissue: the background stays dark while CSF, grey and white matter reverse). Applied with probability
-`prob`, else the image keeps its intensities. Then
-Gaussian noise with a std drawn uniformly in [0, `noise_std`] (in the [-1, 1] image scale), clipped to
-[-1, 1]. Host-side numpy on one record: `pipeline.train_iterator(..., intensity=True)` runs it per record
-with its own seeded stream, so it is deterministic and resumable like the flips.
+`prob`, else the image keeps its intensities. With `bias_blur` (the teacher's `vae.augment_source_bias_blur`),
+the curve is followed by the two other ways scanners differ besides contrast: a smooth multiplicative bias
+field (exp of a bilinearly upsampled BIAS_GRID x BIAS_GRID Gaussian grid whose std is drawn in [0, BIAS_STD],
+on the [0, 1] intensities) and a Gaussian blur of a std drawn in [0, BLUR_SIGMA] pixels; these draws come
+after all the others, so the curves and the noise draw what they drew without them. Then Gaussian noise with a
+std drawn uniformly in [0, `noise_std`] (in the [-1, 1] image scale), clipped to [-1, 1]. Host-side numpy on
+one record: `pipeline.train_iterator(..., intensity=True)` runs it per record with its own seeded stream, so it
+is deterministic and resumable like the flips.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 POINTS = 4  # knots of the curve, the two ends included
 PROB = 0.8  # the rest of the images keep their own contrast
 NOISE_STD = 0.1  # largest additive noise std, [-1, 1] scale
+BIAS_GRID = 4  # control points per side of the bias field
+BIAS_STD = 0.3  # largest std of the log bias field: gains of about exp(+-0.6) at two std
+BLUR_SIGMA = 1.0  # largest blur std, pixels
 CURVES = ('monotone', 'any')  # curve families: increasing or reversed | also non-monotone (half of the curves)
 
 
@@ -60,11 +68,24 @@ def apply_curve(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray
   return (np.interp(unit, xs, ys) * 2.0 - 1.0).astype(np.float32)
 
 
+def bias_field(shape: tuple[int, int], std: float, rng: np.random.Generator, grid: int = BIAS_GRID) -> np.ndarray:
+  """float32 [H, W] > 0: exp of a grid x grid field of N(0, std^2) values, bilinearly interpolated over the image
+  (corners on the corner pixels): a gain that varies smoothly across the image, as a coil's does."""
+  coarse = rng.standard_normal((grid, grid)) * std
+  h, w = shape
+  rows, cols = np.linspace(0.0, grid - 1.0, h), np.linspace(0.0, grid - 1.0, w)
+  field = np.stack([np.interp(cols, np.arange(grid), row) for row in coarse])  # [grid, W]
+  field = np.stack([np.interp(rows, np.arange(grid), field[:, j]) for j in range(w)], axis=1)  # [H, W]
+  return np.exp(field).astype(np.float32)
+
+
 def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: float = PROB,
-                      noise_std: float = NOISE_STD, points: int = POINTS, curves: str = 'monotone') -> np.ndarray:
+                      noise_std: float = NOISE_STD, points: int = POINTS, curves: str = 'monotone',
+                      bias_blur: bool = False) -> np.ndarray:
   """float32 [H, W, C] in [-1, 1] -> float32 [H, W, C] in [-1, 1]: a random curve of family `curves` per
-  channel (with probability `prob`), then Gaussian noise of a random std in [0, noise_std]. Draws the same number of
-  random values whatever happens, so the stream does not depend on the outcome."""
+  channel (with probability `prob`), with `bias_blur` a random bias field and blur (module docstring), then
+  Gaussian noise of a random std in [0, noise_std]. Draws the same number of random values whatever happens, so
+  the stream does not depend on the outcome."""
   image = np.asarray(image, np.float32)
   channels = image.shape[-1]
   maps = [random_curve(rng, points, curves) for _ in range(channels)]
@@ -74,4 +95,10 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: floa
   out = image
   if remap:
     out = np.stack([apply_curve(image[..., c], *maps[c]) for c in range(channels)], axis=-1)
+  if bias_blur:
+    gain = bias_field(image.shape[:2], rng.uniform(0.0, BIAS_STD), rng)
+    blur = rng.uniform(0.0, BLUR_SIGMA)
+    unit = np.clip((out + 1.0) * 0.5 * gain[..., None], 0.0, 1.0)
+    unit = ndimage.gaussian_filter(unit, sigma=(blur, blur, 0.0), mode='nearest')
+    out = (unit * 2.0 - 1.0).astype(np.float32)
   return np.clip(out + sigma * noise, -1.0, 1.0).astype(np.float32)

@@ -93,8 +93,9 @@ def _make_augment(keys: tuple[str, ...], hw: tuple[int, int]):
   return augment
 
 
-def _remap_image(record: Batch, rng: np.random.Generator, *, curves: str) -> Batch:
-  return {**record, 'image': intensity_lib.augment_intensity(record['image'], rng, curves=curves)}
+def _remap_image(record: Batch, rng: np.random.Generator, *, curves: str, bias_blur: bool) -> Batch:
+  return {**record, 'image': intensity_lib.augment_intensity(record['image'], rng, curves=curves,
+                                                             bias_blur=bias_blur)}
 
 
 def train_iterator(
@@ -107,6 +108,7 @@ def train_iterator(
     augment: bool = False,
     intensity: bool = False,
     curves: str = 'monotone',
+    bias_blur: bool = False,
 ) -> grain.DatasetIterator:
   """Infinite, checkpointable iterator of this process's training batches, from a split of any size >= 1.
 
@@ -126,6 +128,7 @@ def train_iterator(
     intensity: remap each record's 'image' through a random intensity curve plus noise
       (`intensity.augment_intensity`; other keys untouched), from its own seeded stream.
     curves: the family of those curves, one of `intensity.CURVES`.
+    bias_blur: with `intensity`, also a random bias field and blur per record (`intensity.augment_intensity`).
 
   Two constructions, chosen once for all processes (epochs repeated and reshuffled, never sampling with
   replacement):
@@ -173,7 +176,8 @@ def train_iterator(
     if 'image' not in arrays:
       raise ValueError(f'intensity augmentation needs an "image" key, got {sorted(arrays)}')
     intensity_lib.check_curves(curves)  # here, not later in a reader thread
-    ds = ds.random_map(functools.partial(_remap_image, curves=curves), seed=_derive_seed(seed, index, 2))
+    remap = functools.partial(_remap_image, curves=curves, bias_blur=bias_blur)
+    ds = ds.random_map(remap, seed=_derive_seed(seed, index, 2))
   if whole_epochs:
     ds = ds.batch(batch_size, drop_remainder=True).repeat()
   else:

@@ -36,9 +36,9 @@ def task(config, spec: DataSpec) -> Task:
 
 
 def load(ctx):
-  """(model, EMA params) of the finished student."""
+  """(model, EMA params) of the finished student (chosen on the validation split with `vae.select='val'`)."""
   t = task(ctx.config, ctx.data.spec)
-  return t.model, ctx.load(t)
+  return t.model, teacher.load_chosen(ctx, t)
 
 
 DISTILL_ON = ('target', 'target_and_source')  # vae.distill_on
@@ -59,11 +59,11 @@ def units(ctx) -> list[str]:
 
 def run(ctx) -> None:
   data = ctx.data
-  teacher_params = ctx.load(teacher.task(ctx.config, data.spec))
+  teacher_params = teacher.load(ctx)
   student = task(ctx.config, data.spec)
-  ctx.train(student, {'image': distillation_images(ctx.config, data)}, frozen=teacher_params,
-            augment=ctx.config.vae.augment_target, complete=False)
-  write_diagnostics(ctx, student.model, teacher_params, ctx.load(student))
+  teacher.train_chosen(ctx, student, {'image': distillation_images(ctx.config, data)}, frozen=teacher_params,
+                       augment=ctx.config.vae.augment_target, complete=False)
+  write_diagnostics(ctx, student.model, teacher_params, teacher.load_chosen(ctx, student))
   ctx.complete('student', student.num_steps)
 
 

@@ -3,8 +3,11 @@
 Batches: {'image': [B,H,W,C] f32 in [-1,1], 'label': [B,H,W] int32}. Loss: seg_weight (CE + soft Dice),
 L2 reconstruction, beta (KL(z_seg) + KL(z_dom)) (`losses.teacher_loss`). `vae.augment_source_intensity`
 remaps each source image through a random intensity curve (`data/intensity.py`; of the family
-`vae.source_intensity_curves`): a teacher that does not rely on the source's contrast labels the target better,
-and the student, `r(m)` and the pseudo-labels inherit that.
+`vae.source_intensity_curves`; with `vae.augment_source_bias_blur` also a random bias field and blur): a
+teacher that does not rely on the source's contrast labels the target better, and the student, `r(m)` and the
+pseudo-labels inherit that. `vae.select='val'`: the weights whose segmentation head scores best on the
+labelled target validation split (selection.py) are the teacher the student distils; how long a teacher
+should be trained before it fits the source's appearance depends on the data.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import functools
 
 import jax
 
-from diffuseg_jax import losses, runtime
+from diffuseg_jax import inference, logs, losses, runtime, selection
 from diffuseg_jax.data import DataSpec
 from diffuseg_jax.models.ffd_vae import build_ffd_vae
 from diffuseg_jax.train.state import make_optimizer
@@ -52,7 +55,42 @@ def units(ctx) -> list[str]:
   return ['teacher']
 
 
+def load_chosen(ctx, t: Task):
+  """EMA params of the finished FFD-VAE task `t`: those chosen on the validation split (`vae.select='val'`,
+  selection.py), or the final ones."""
+  final = ctx.load(t)  # also checks that the unit is intact
+  selected = selection.load_selected(ctx, t.checkpoint, t.init_params, t.rng)
+  return final if selected is None else selected
+
+
+def load(ctx):
+  """EMA params of the finished teacher (the weights the student distils)."""
+  return load_chosen(ctx, task(ctx.config, ctx.data.spec))
+
+
+def train_chosen(ctx, t: Task, arrays, **train_kwargs) -> None:
+  """ctx.train for an FFD-VAE task, choosing its weights by its segmentation head's Dice on the labelled
+  validation split when `vae.select='val'` and the data has one (else recording why the final weights are
+  used)."""
+  reason = selection.wants_validation(ctx, 'vae.select')
+  if reason is not None:
+    selection.record_last_step(ctx, t.checkpoint, reason)
+    ctx.train(t, arrays, **train_kwargs)
+    return
+  labels = functools.partial(inference.ffd_vae_labels, model=t.model)
+
+  def predict(params, images):
+    return inference.batched_apply(labels, images, ctx.config.eval.batch_size, ctx.mesh, args=(params,))
+
+  every = int(ctx.config.vae.select_every)
+  chooser = selection.BestOnValidation(ctx, t.checkpoint, t.model, predict=predict, every=every)
+  ctx.train(t, arrays, select=chooser, select_every=every, **train_kwargs)
+  logs.say(f'[{t.name}] step {chooser.best_step} chosen on the validation split (segmentation head Dice '
+           f'{chooser.best:.3f}, {len(ctx.data.val)} images)')
+
+
 def run(ctx) -> None:
   data = ctx.data
-  ctx.train(task(ctx.config, data.spec), {'image': data.source.images, 'label': data.source.labels},
-            intensity=bool(ctx.config.vae.augment_source_intensity), curves=ctx.config.vae.source_intensity_curves)
+  train_chosen(ctx, task(ctx.config, data.spec), {'image': data.source.images, 'label': data.source.labels},
+               intensity=bool(ctx.config.vae.augment_source_intensity), curves=ctx.config.vae.source_intensity_curves,
+               bias_blur=bool(ctx.config.vae.augment_source_bias_blur))

@@ -97,10 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # With those curves, also a random smooth bias field and a random blur per source image (data/intensity.py):
       # the other ways two scanners image one anatomy. benchmarks/QUALITY.md.
       augment_source_bias_blur=False,
-      # Which weights of the teacher and of the student are kept: last (the final EMA weights, the paper) | val
-      # (those whose segmentation head scores the best Dice on the labelled target validation split, scored every
-      # select_every steps and at the last; the final weights where there is no such split). selection.py.
-      select='last',
+      # Which weights of the teacher and of the student are kept: val (those whose segmentation head scores the
+      # best Dice on the labelled target validation split, scored every select_every steps and at the last; the
+      # final weights where there is no such split; selection.py) | last (the final EMA weights, the paper's).
+      # A teacher's accuracy on the target peaks, then falls as it fits the source (benchmarks/QUALITY.md).
+      select='val',
       select_every=20,
   )
 

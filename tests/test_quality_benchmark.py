@@ -90,7 +90,8 @@ def test_quick_preset_screens_with_the_quick_recipe_on_the_cpu_presets_data(tmp_
 
   quick = load_config('mnist_m:quick')
   config = quality.setting_config('multiclass', 'quick', str(tmp_path), (0, 1, 2))
-  assert config.diffusion.steps == quick.diffusion.steps and config.vae.teacher_steps == quick.vae.teacher_steps
+  assert config.diffusion.steps == quick.diffusion.steps and config.vae.teacher_steps == 3 * quick.vae.teacher_steps
+  assert config.vae.select == 'val'  # the longer teacher's weights chosen on the validation split
   assert config.segmentation.seeds == (0, 1, 2) and config.segmentation.strategies == ','.join(quality.STRATEGIES)
   assert config.data.name == 'folder' and config.data.image_size == quality.GENERATED['cpu'][1]
   assert quality.DATA_OF_PRESET['quick'] == 'cpu'  # the same images as the CPU preset, not new ones

@@ -48,10 +48,3 @@ LONGEST_FIRST = ('test_pipeline_e2e.py', 'test_medical_e2e.py', 'test_retina_e2e
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
-
-
-def pytest_xdist_auto_num_workers(config):
-  """`-n auto`: one worker more than the cores (pyproject.toml caps it at 4). Part of every worker's time is spent
-  waiting (subprocess starts, checkpoint writes, signal round trips), which a third worker fills on 2 cores."""
-  del config
-  return (os.cpu_count() or 1) + 1

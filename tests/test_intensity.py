@@ -197,7 +197,7 @@ def test_teacher_trains_on_the_curves_its_config_names(augment, curves, bias_blu
   config.vae.augment_source_bias_blur = bias_blur
   calls = []
   source = SimpleNamespace(images=np.zeros((2, 8, 8, 1), np.float32), labels=np.zeros((2, 8, 8), np.int32))
-  ctx = SimpleNamespace(config=config, data=SimpleNamespace(source=source, spec=None), is_main_process=False,
+  ctx = SimpleNamespace(config=config, data=SimpleNamespace(source=source, spec=None, val=None), is_main_process=False,
                         train=lambda task, arrays, **kwargs: calls.append(kwargs))
   # the network is not tested here
   monkeypatch.setattr(teacher, 'task', lambda config, spec: SimpleNamespace(name='teacher', checkpoint='teacher'))

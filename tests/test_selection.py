@@ -139,68 +139,85 @@ def _vae_config(**vae):
 
 def _ffd_vae_val_dice(ctx, model, params) -> float:
   """The segmentation head's pooled Dice on the validation split, recomputed here: argmax of the posterior-mean
-  logits over the images one at a time (no batching, no mesh)."""
-  val = ctx.data.val
-  preds = [np.asarray(jax.numpy.argmax(model.apply({'params': params}, val.images[i:i + 1], sample=False)
-                                       ['seg_logits'], -1))[0] for i in range(len(val))]
-  return selection.pooled_foreground_dice(np.stack(preds), val.labels, ctx.data.num_classes)
+  logits of all validation images in one call (no batches, no padding, no mesh)."""
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x, sample=False)['seg_logits'])(params, ctx.data.val.images)
+  return selection.pooled_foreground_dice(np.asarray(jax.numpy.argmax(logits, -1)), ctx.data.val.labels,
+                                          ctx.data.num_classes)
 
 
-def test_teacher_weights_are_chosen_on_validation_without_reading_the_test_split(tmp_path):
-  """vae.select='val': the teacher is scored by its segmentation head on the validation split every
-  select_every steps; teacher.load gives the best-scoring weights, and the test split is never read."""
+BONUS = {2: 10.0}  # added to the teacher's 2nd score (step 4), so that the choice is not the final weights
+
+
+@pytest.fixture(scope='module')
+def chosen_vae(tmp_path_factory):
+  """vae.select='val': the teacher trained with the test split replaced by a stand-in that fails on any use,
+  its step-4 score raised by 10 (its real scores kept), then the student, whose `frozen` teacher is recorded.
+  Returns (ctx, {teacher step: real score}, the teacher weights the student was distilled from)."""
+  from diffuseg_jax.stages import student, teacher
+
+  ctx = make_context(_vae_config(), tmp_path_factory.mktemp('vae_selection'))
+  ctx.config.checkpoint.every_steps = 2
+  test_split = ctx.data.test
+  _with_validation(ctx, _Untouchable())
+  real, calls, score = {}, [], selection.BestOnValidation.score
+
+  def raised(self, params):
+    calls.append(None)
+    value = score(self, params)
+    if self.folder == ctx.unit_dir('teacher'):
+      real[EVERY * len(real) + EVERY] = value
+    return value + BONUS.get(len(calls), 0.0)
+
+  frozen = {}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(selection.BestOnValidation, 'score', raised)
+    teacher.run(ctx)  # would raise if anything read the test split
+    ctx.data = dataclasses.replace(ctx.data, test=test_split)  # the student's diagnostics score the test split
+    train = ctx.train
+
+    def recording_train(t, arrays, **kwargs):
+      frozen['params'] = kwargs.get('frozen')
+      return train(t, arrays, **kwargs)
+
+    patch.setattr(ctx, 'train', recording_train)
+    student.run(ctx)
+  return ctx, real, frozen['params']
+
+
+def test_teacher_weights_are_chosen_on_validation_without_reading_the_test_split(chosen_vae):
+  """The teacher is scored by its segmentation head on the validation split every select_every steps: each real
+  score is that step's EMA weights' Dice recomputed here from its checkpoint; the best score's weights are the
+  ones teacher.load gives."""
   from diffuseg_jax.stages import teacher
+  from diffuseg_jax.train import task as task_lib
+  from diffuseg_jax.train.checkpoint import StageCheckpointer
 
-  ctx = _with_validation(make_context(_vae_config(), tmp_path), _Untouchable())
-  teacher.run(ctx)
+  ctx, real, _ = chosen_vae
   chosen = selection.read(ctx, 'teacher')
   assert chosen['selected_on'] == 'val' and chosen['every'] == EVERY and chosen['num_images'] == 8
   scores = {int(k): v for k, v in chosen['scores'].items()}
-  assert sorted(scores) == list(range(EVERY, STEPS + 1, EVERY))
-  assert chosen['best_step'] == max(scores, key=lambda k: (scores[k], -k))
+  assert sorted(scores) == sorted(real) == list(range(EVERY, STEPS + 1, EVERY))
+  assert scores == {k: v + (BONUS[2] if k == 4 else 0.0) for k, v in real.items()} and chosen['best_step'] == 4
   t = teacher.task(ctx.config, ctx.data.spec)
-  assert _ffd_vae_val_dice(ctx, t.model, teacher.load(ctx)) == pytest.approx(chosen['best_val_dice'], abs=1e-7)
-  for step, score in scores.items():  # every recorded score is that step's EMA weights' Dice
-    from diffuseg_jax.train import task as task_lib
-    from diffuseg_jax.train.checkpoint import StageCheckpointer
-
-    checkpointer = StageCheckpointer(ctx.checkpoint_dir(t.checkpoint))
-    if step in checkpointer.all_steps():
-      state, _, _ = checkpointer.restore(task_lib.abstract_state(t, ctx.mesh), step=step)
-      assert _ffd_vae_val_dice(ctx, t.model, state.ema_params) == pytest.approx(score, abs=1e-7)
-    checkpointer.close()
+  checkpointer = StageCheckpointer(ctx.checkpoint_dir(t.checkpoint))
+  for step in sorted(set(checkpointer.all_steps()) & set(real)):
+    state, _, _ = checkpointer.restore(task_lib.abstract_state(t, ctx.mesh), step=step)
+    assert _ffd_vae_val_dice(ctx, t.model, state.ema_params) == pytest.approx(real[step], abs=1e-7), step
+  checkpointer.close()
+  assert _ffd_vae_val_dice(ctx, t.model, teacher.load(ctx)) == pytest.approx(real[4], abs=1e-7)
 
 
-def test_the_student_distils_the_chosen_teacher_and_is_chosen_too(tmp_path, monkeypatch):
-  """Scores 0.5, 0.9, 0.1 for the teacher: the student is distilled from step 4's weights, not the final ones;
-  the student is then chosen on the validation split the same way."""
+def test_the_student_distils_the_chosen_teacher_and_is_chosen_too(chosen_vae):
+  """The student is distilled from the chosen teacher (step 4), not the final one, and is itself chosen on the
+  validation split: student.load's weights score what its selection recorded."""
   from diffuseg_jax.stages import student, teacher
 
-  scores = iter([0.5, 0.9, 0.1])
-  real_score = selection.BestOnValidation.score
-  monkeypatch.setattr(selection.BestOnValidation, 'score', lambda self, params: next(scores))
-  ctx = make_context(_vae_config(), tmp_path)
-  ctx.config.checkpoint.every_steps = 2
-  data = ctx.data
-  ctx.data = dataclasses.replace(data, val=data.test.subset(np.arange(8)))
-  teacher.run(ctx)
-  assert selection.read(ctx, 'teacher')['best_step'] == 4
-  monkeypatch.setattr(selection.BestOnValidation, 'score', real_score)
-  distilled = {}
-  real_train = ctx.train
-
-  def spy(t, arrays, **kwargs):
-    distilled['frozen'] = kwargs.get('frozen')
-    return real_train(t, arrays, **kwargs)
-
-  monkeypatch.setattr(ctx, 'train', spy)
-  student.run(ctx)
-  t = teacher.task(ctx.config, ctx.data.spec)
-  final = ctx.load(t)
-  for got, want in zip(jax.tree.leaves(distilled['frozen']), jax.tree.leaves(teacher.load(ctx)), strict=True):
+  ctx, _, frozen = chosen_vae
+  for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(teacher.load(ctx)), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  final = ctx.load(teacher.task(ctx.config, ctx.data.spec))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(distilled['frozen']), jax.tree.leaves(final), strict=True))
+             for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(final), strict=True))
   chosen = selection.read(ctx, 'student')
   assert chosen['selected_on'] == 'val' and chosen['best_step'] in {int(k) for k in chosen['scores']}
   model, params = student.load(ctx)
@@ -208,13 +225,27 @@ def test_the_student_distils_the_chosen_teacher_and_is_chosen_too(tmp_path, monk
 
 
 def test_the_paper_keeps_the_final_teacher(tmp_path):
-  """vae.select='last' (the default) or no validation labels: the final weights, and selection.json says why."""
+  """vae.select='last', or no validation labels: the teacher trains without a selection hook, selection.json says
+  why, and teacher.load gives the final weights (the stage around a stand-in context; nothing is trained)."""
+  from types import SimpleNamespace
+
   from diffuseg_jax.stages import teacher
 
-  ctx = make_context(_vae_config(select='last', teacher_steps=2), tmp_path)
-  teacher.run(ctx)
-  assert selection.read(ctx, 'teacher') == {'selected_on': 'last step', 'reason': 'vae.select=last', 'best_step': None}
-  assert teacher.load(ctx) is ctx.load(teacher.task(ctx.config, ctx.data.spec))
-  ctx = make_context(_vae_config(teacher_steps=2), tmp_path / 'no_val')  # the tiny data has no validation split
-  teacher.run(ctx)
-  assert selection.read(ctx, 'teacher')['reason'] == 'no labelled validation split'
+  config = _vae_config(select='last')
+  source = SimpleNamespace(images=np.zeros((2, 8, 8, 1), np.float32), labels=np.zeros((2, 8, 8), np.int32))
+  calls, final = [], object()
+  ctx = SimpleNamespace(config=config, data=SimpleNamespace(source=source, spec=None, val=None),
+                        is_main_process=True, unit_dir=lambda unit: str(tmp_path / unit),
+                        train=lambda t, arrays, **kwargs: calls.append(kwargs), load=lambda t: final)
+  t = SimpleNamespace(name='teacher', checkpoint='teacher', init_params=None, rng=None)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(teacher, 'task', lambda config, spec: t)
+    teacher.run(ctx)
+    assert 'select' not in calls[0]
+    assert selection.read(ctx, 'teacher') == {'selected_on': 'last step', 'reason': 'vae.select=last',
+                                              'best_step': None}
+    assert teacher.load(ctx) is final
+    config.vae.select = 'val'  # no validation split
+    teacher.run(ctx)
+    assert 'select' not in calls[1]
+    assert selection.read(ctx, 'teacher')['reason'] == 'no labelled validation split'

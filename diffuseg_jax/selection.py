@@ -102,6 +102,28 @@ class BestOnValidation:
             'best_val_dice': self.best, 'crc32': self.crc32}
 
 
+def train_choosing(ctx, t, arrays, *, field: str, every: int, predict=None, **train_kwargs):
+  """ctx.train for task `t`, choosing its weights on the validation split when `field` ('segmentation.select',
+  'vae.select') says 'val' and the data has labelled validation images: returns the BestOnValidation hook (its
+  best_step, best); else records why the final weights are kept and returns None. `predict`: as for
+  BestOnValidation."""
+  reason = wants_validation(ctx, field)
+  if reason is not None:
+    record_last_step(ctx, t.checkpoint, reason)
+    ctx.train(t, arrays, **train_kwargs)
+    return None
+  chooser = BestOnValidation(ctx, t.checkpoint, t.model, predict=predict, every=every)
+  ctx.train(t, arrays, select=chooser, select_every=int(every), **train_kwargs)
+  return chooser
+
+
+def load_chosen(ctx, t) -> Any:
+  """EMA params of the finished task `t`: those chosen on the validation split, or the final ones."""
+  final = ctx.load(t)  # also checks that the unit is intact
+  selected = load_selected(ctx, t.checkpoint, t.init_params, t.rng)
+  return final if selected is None else selected
+
+
 def record_last_step(ctx, unit: str, reason: str) -> None:
   """selection.json of a run that keeps its final weights, with the reason."""
   if ctx.is_main_process:

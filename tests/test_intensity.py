@@ -200,7 +200,8 @@ def test_teacher_trains_on_the_curves_its_config_names(augment, curves, bias_blu
   ctx = SimpleNamespace(config=config, data=SimpleNamespace(source=source, spec=None, val=None), is_main_process=False,
                         train=lambda task, arrays, **kwargs: calls.append(kwargs))
   # the network is not tested here
-  monkeypatch.setattr(teacher, 'task', lambda config, spec: SimpleNamespace(name='teacher', checkpoint='teacher'))
+  stand_in = SimpleNamespace(name='teacher', checkpoint='teacher', model=None)
+  monkeypatch.setattr(teacher, 'task', lambda config, spec: stand_in)
   teacher.run(ctx)
   assert calls == [{'intensity': augment, 'curves': curves, 'bias_blur': bias_blur}]
 

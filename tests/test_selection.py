@@ -237,7 +237,7 @@ def test_the_paper_keeps_the_final_teacher(tmp_path):
   ctx = SimpleNamespace(config=config, data=SimpleNamespace(source=source, spec=None, val=None),
                         is_main_process=True, unit_dir=lambda unit: str(tmp_path / unit),
                         train=lambda t, arrays, **kwargs: calls.append(kwargs), load=lambda t: final)
-  t = SimpleNamespace(name='teacher', checkpoint='teacher', init_params=None, rng=None)
+  t = SimpleNamespace(name='teacher', checkpoint='teacher', model=None, init_params=None, rng=None)
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(teacher, 'task', lambda config, spec: t)
     teacher.run(ctx)

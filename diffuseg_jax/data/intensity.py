@@ -72,11 +72,15 @@ def bias_field(shape: tuple[int, int], std: float, rng: np.random.Generator, gri
   """float32 [H, W] > 0: exp of a grid x grid field of N(0, std^2) values, bilinearly interpolated over the image
   (corners on the corner pixels): a gain that varies smoothly across the image, as a coil's does."""
   coarse = rng.standard_normal((grid, grid)) * std
-  h, w = shape
-  rows, cols = np.linspace(0.0, grid - 1.0, h), np.linspace(0.0, grid - 1.0, w)
-  field = np.stack([np.interp(cols, np.arange(grid), row) for row in coarse])  # [grid, W]
-  field = np.stack([np.interp(rows, np.arange(grid), field[:, j]) for j in range(w)], axis=1)  # [H, W]
-  return np.exp(field).astype(np.float32)
+  rows, cols = (_linear_weights(n, grid) for n in shape)  # bilinear = linear along rows, then along columns
+  return np.exp(rows @ coarse @ cols.T).astype(np.float32)
+
+
+def _linear_weights(n: int, grid: int) -> np.ndarray:
+  """float64 [n, grid]: row i holds the weights that linearly interpolate `grid` knots, spread from the first
+  to the last of n samples, at sample i."""
+  return np.stack([np.interp(np.linspace(0.0, grid - 1.0, n), np.arange(grid), knot) for knot in np.eye(grid)],
+                  axis=1)
 
 
 def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: float = PROB,

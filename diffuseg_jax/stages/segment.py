@@ -105,9 +105,7 @@ def load(ctx, strategy: str, seed: int):
   """(model, params) of one finished segmentation run: the EMA weights chosen on the validation split
   (selection.py), or the final ones."""
   t = task(ctx.config, ctx.data.spec, strategy, seed)
-  final = ctx.load(t)  # also checks that the unit is intact
-  selected = selection.load_selected(ctx, t.checkpoint, t.init_params, t.rng)
-  return t.model, final if selected is None else selected
+  return t.model, selection.load_chosen(ctx, t)
 
 
 def run(ctx) -> None:
@@ -118,14 +116,10 @@ def run(ctx) -> None:
     arrays = training_arrays(ctx, strategy, seed)
     note = ' (oracle: uses real target labels)' if strategy in ORACLE else ''
     logs.say(f'[segment] {strategy} seed {seed}: {len(arrays["image"])} training images{note}')
-    last_step_reason = selection.wants_validation(ctx)
     intensity = strategy in intensity_augmented_strategies(ctx.config.segmentation.augment_intensity)
-    if last_step_reason is None:
-      chooser = selection.BestOnValidation(ctx, t.checkpoint, t.model)
-      ctx.train(t, arrays, augment=ctx.config.segmentation.augment, intensity=intensity, select=chooser,
-                select_every=int(ctx.config.segmentation.select_every))
+    chooser = selection.train_choosing(ctx, t, arrays, field='segmentation.select',
+                                       every=int(ctx.config.segmentation.select_every),
+                                       augment=ctx.config.segmentation.augment, intensity=intensity)
+    if chooser is not None:
       logs.say(f'[segment] {strategy} seed {seed}: step {chooser.best_step} chosen on the validation split '
                f'(Dice {chooser.best:.3f}, {len(ctx.data.val)} images)')
-    else:
-      selection.record_last_step(ctx, t.checkpoint, last_step_reason)
-      ctx.train(t, arrays, augment=ctx.config.segmentation.augment, intensity=intensity)

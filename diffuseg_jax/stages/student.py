@@ -16,7 +16,7 @@ import os
 import jax
 import numpy as np
 
-from diffuseg_jax import figures, inference, logs, losses, report
+from diffuseg_jax import figures, inference, logs, losses, report, selection
 from diffuseg_jax.data import DataSpec
 from diffuseg_jax.metrics.ffd_vae_diagnostics import diagnostics
 from diffuseg_jax.stages import teacher
@@ -38,7 +38,7 @@ def task(config, spec: DataSpec) -> Task:
 def load(ctx):
   """(model, EMA params) of the finished student (chosen on the validation split with `vae.select='val'`)."""
   t = task(ctx.config, ctx.data.spec)
-  return t.model, teacher.load_chosen(ctx, t)
+  return t.model, selection.load_chosen(ctx, t)
 
 
 DISTILL_ON = ('target', 'target_and_source')  # vae.distill_on
@@ -63,7 +63,7 @@ def run(ctx) -> None:
   student = task(ctx.config, data.spec)
   teacher.train_chosen(ctx, student, {'image': distillation_images(ctx.config, data)}, frozen=teacher_params,
                        augment=ctx.config.vae.augment_target, complete=False)
-  write_diagnostics(ctx, student.model, teacher_params, teacher.load_chosen(ctx, student))
+  write_diagnostics(ctx, student.model, teacher_params, selection.load_chosen(ctx, student))
   ctx.complete('student', student.num_steps)
 
 

@@ -55,38 +55,25 @@ def units(ctx) -> list[str]:
   return ['teacher']
 
 
-def load_chosen(ctx, t: Task):
-  """EMA params of the finished FFD-VAE task `t`: those chosen on the validation split (`vae.select='val'`,
-  selection.py), or the final ones."""
-  final = ctx.load(t)  # also checks that the unit is intact
-  selected = selection.load_selected(ctx, t.checkpoint, t.init_params, t.rng)
-  return final if selected is None else selected
-
-
 def load(ctx):
-  """EMA params of the finished teacher (the weights the student distils)."""
-  return load_chosen(ctx, task(ctx.config, ctx.data.spec))
+  """EMA params of the finished teacher (the weights the student distils; chosen on validation with
+  `vae.select='val'`)."""
+  return selection.load_chosen(ctx, task(ctx.config, ctx.data.spec))
 
 
 def train_chosen(ctx, t: Task, arrays, **train_kwargs) -> None:
-  """ctx.train for an FFD-VAE task, choosing its weights by its segmentation head's Dice on the labelled
-  validation split when `vae.select='val'` and the data has one (else recording why the final weights are
-  used)."""
-  reason = selection.wants_validation(ctx, 'vae.select')
-  if reason is not None:
-    selection.record_last_step(ctx, t.checkpoint, reason)
-    ctx.train(t, arrays, **train_kwargs)
-    return
+  """ctx.train for an FFD-VAE task (teacher or student), its weights chosen by its segmentation head's Dice on
+  the labelled validation split when `vae.select='val'` and the data has one (selection.train_choosing)."""
   labels = functools.partial(inference.ffd_vae_labels, model=t.model)
 
   def predict(params, images):
     return inference.batched_apply(labels, images, ctx.config.eval.batch_size, ctx.mesh, args=(params,))
 
-  every = int(ctx.config.vae.select_every)
-  chooser = selection.BestOnValidation(ctx, t.checkpoint, t.model, predict=predict, every=every)
-  ctx.train(t, arrays, select=chooser, select_every=every, **train_kwargs)
-  logs.say(f'[{t.name}] step {chooser.best_step} chosen on the validation split (segmentation head Dice '
-           f'{chooser.best:.3f}, {len(ctx.data.val)} images)')
+  chooser = selection.train_choosing(ctx, t, arrays, field='vae.select', every=int(ctx.config.vae.select_every),
+                                     predict=predict, **train_kwargs)
+  if chooser is not None:
+    logs.say(f'[{t.name}] step {chooser.best_step} chosen on the validation split (segmentation head Dice '
+             f'{chooser.best:.3f}, {len(ctx.data.val)} images)')
 
 
 def run(ctx) -> None:

@@ -20,10 +20,12 @@ def get_config(arg: str | None = None):
   c.vae.update(base_channels=8, levels=1, z_seg_channels=4, z_dom_dim=4, teacher_steps=4, student_steps=4,
                batch_size=16)
   c.autoencoder.update(kind='identity', base_channels=8, steps=4, batch_size=16)
-  c.diffusion.update(base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_heads=2, num_cond_tokens=2,
+  # One UNet level, attention in it (16 x 16 tokens): the smallest network that runs every block kind; the
+  # suite's time is mostly compiling it (two levels cost about a third more). Deeper UNets: tests/test_models.py.
+  c.diffusion.update(base_channels=8, channel_mult=(1,), attention_levels=(0,), num_heads=2, num_cond_tokens=2,
                      steps=4, batch_size=16, num_timesteps=100)
   c.sampling.update(num_steps=4, batch_size=16, shard_size=16, num_masks=32)
-  c.segmentation.update(base_channels=8, levels=2, steps=4, batch_size=16, seeds=(0,),
+  c.segmentation.update(base_channels=8, levels=1, steps=4, batch_size=16, seeds=(0,),
                         strategies='transfer,self,semi,diffuseg')
   c.eval.update(batch_size=16, num_quality_images=16, num_figure_examples=2)
   c.train.update(log_every=2, progress=False)

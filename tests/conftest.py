@@ -22,7 +22,8 @@ runtime.set_xla_flags()  # the CPU flags of the main command, also for in-proces
 
 # One persistent XLA compilation cache for the whole session (inherited by subprocess tests): the pipeline
 # tests compile many identical programs (per stage, per seed, per dataset), which then compile only once.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ  # made here (the main process): removed at the end
+if _OWN_CACHE:
   import tempfile
 
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='diffuseg_xla_cache_')
@@ -48,3 +49,12 @@ LONGEST_FIRST = ('test_pipeline_e2e.py', 'test_medical_e2e.py', 'test_retina_e2e
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
+
+def pytest_sessionfinish(session):
+  """Remove the session's compilation cache (a new one per session, never reused) if this process made it; workers
+  inherit the variable, so only the main process, which outlives them, removes it."""
+  if _OWN_CACHE:
+    import shutil
+
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)

@@ -116,9 +116,9 @@ def build_retina(root: pathlib.Path):
   at full resolution on disk, run with configs/iostar.py: its image size (256), its batch sizes (8 and 16,
   evaluation 8) and data settings. Reduced: the steps (1 per stage, 2 DDIM steps), the synthetic pairs (8:
   fewer than the segmentation batch of 16, so the diffuseg network draws batches from a smaller set), one
-  seed, STRATEGIES, and the networks' widths and depths (`small_networks`). With the config's own networks
-  this case takes about 6 minutes on 2 CPU cores (about 2 with small ones), over the suite's budget; set
-  DIFFUSEG_TEST_OWN_NETWORKS=1 to run it so."""
+  seed, STRATEGIES, the FFD-VAE's final weights (not chosen on validation), and the networks' widths and
+  depths (`small_networks`). With the config's own networks this case takes about 6 minutes on 2 CPU cores
+  (about 2 with small ones), over the suite's budget; set DIFFUSEG_TEST_OWN_NETWORKS=1 to run it so."""
   mf.make_drive(root / 'DRIVE', hw=mf.DRIVE_HW, training=range(21, 41), test=range(1, 21))
   mf.make_iostar(root / 'IOSTAR', n=30, hw=mf.IOSTAR_HW)
   config = load_config('iostar')
@@ -128,6 +128,7 @@ def build_retina(root: pathlib.Path):
   config.sampling.num_steps = 2
   config.sampling.num_masks = 8
   config.segmentation.update(seeds=(0,), strategies=','.join(STRATEGIES))
+  config.vae.select = 'last'  # choosing on validation scores 256 x 256 images twice more (tests/test_selection.py)
   config.train.progress = False
   if os.environ.get('DIFFUSEG_TEST_OWN_NETWORKS') != '1':
     small_networks(config)

@@ -189,19 +189,25 @@ def test_fingerprints_follow_the_fields_each_unit_reads():
   assert diff == ['sampling.guidance_scale: 1.0 -> 3.0']
 
 
-def test_changed_sampling_fields_redo_synthesis_and_what_follows(finished_run, tmp_path, capsys):
-  """guidance 1 -> 3 and the test labels as the mask set: synthesis, the segmenter trained on it and their
-  scores are redone, nothing upstream; the report shows the new values and marks the test-label run ORACLE."""
+def test_changed_sampling_and_denoiser_fields_redo_diffusion_and_what_follows(finished_run, tmp_path, capsys):
+  """guidance 1 -> 3, the test labels as the mask set and a denoiser that sees the mask
+  (diffusion.mask_condition=pseudo_labels; one rerun for the three, since each recompiles the stages after it):
+  the denoiser, synthesis, the segmenters trained on it and their scores are redone, the FFD-VAE and the other
+  segmenters reused; the report shows the new values and marks the test-label run ORACLE; the denoiser's
+  input is latent + K-1 label channels and its output depends on them; the mask region is still pasted
+  exactly (hard blend to the last step)."""
   wd = _copy(finished_run, tmp_path)
   before = _snapshot(wd)
-  ctx = pipeline.run(_config(**{'sampling.guidance_scale': 3.0, 'sampling.mask_set': 'test'}), wd,
-                     show_progress=False)
+  config = _config(**{'sampling.guidance_scale': 3.0, 'sampling.mask_set': 'test',
+                      'diffusion.mask_condition': 'pseudo_labels'})
+  ctx = pipeline.run(config, wd, show_progress=False)
   new, touched = _changes(before, _snapshot(wd))
-  assert new == {'synthesize', 'segment/diffuseg_seed0', 'segment/semi_seed0', 'evaluate/diffuseg_seed0',
-                 'evaluate/semi_seed0', 'quality'}
-  assert touched == set()  # teacher ... diffusion, transfer, self: reused as they were
+  assert new == {'diffusion', 'synthesize', 'segment/diffuseg_seed0', 'segment/semi_seed0',
+                 'evaluate/diffuseg_seed0', 'evaluate/semi_seed0', 'quality'}
+  assert touched == set()  # teacher, student, transfer, self: reused as they were
   out = capsys.readouterr().out
   assert 'sampling.guidance_scale: 1.0 -> 3.0; sampling.mask_set: source -> test' in out and 'plan: teacher' in out
+  assert 'diffusion.mask_condition: <unset> -> pseudo_labels' in out  # 'none' is neutral (run_identity.py)
   metrics = json.load(open(os.path.join(wd, 'metrics.json')))
   assert metrics['synthesize']['guidance_scale'] == 3.0
   speed = metrics['synthesize']
@@ -217,30 +223,7 @@ def test_changed_sampling_fields_redo_synthesis_and_what_follows(finished_run, t
   assert 'guidance 3.0' in report and 'ORACLE: synthesised from the test labels' in report
   assert json.load(open(os.path.join(wd, 'config.json')))['sampling']['guidance_scale'] == 3.0
   assert os.path.realpath(os.path.join(wd, 'synthetic')).startswith(os.path.realpath(ctx.unit_dir('synthesize')))
-
-
-def test_added_seed_trains_and_evaluates_only_that_seed(finished_run, tmp_path):
-  wd = _copy(finished_run, tmp_path)
-  before = _snapshot(wd)
-  pipeline.run(_config(**{'segmentation.seeds': (0, 1)}), wd, show_progress=False)
-  new, touched = _changes(before, _snapshot(wd))
-  assert new == {f'{kind}/{s}_seed1' for kind in ('segment', 'evaluate') for s in STRATEGIES} and touched == set()
-  metrics = json.load(open(os.path.join(wd, 'metrics.json')))
-  assert metrics['evaluate']['strategies']['diffuseg']['seeds'] == [0, 1]
-  assert '| 2 |' in open(os.path.join(wd, 'report.md')).read()  # the seeds column
-
-
-def test_mask_conditioned_denoiser_retrains_diffusion_and_sees_the_label(finished_run, tmp_path):
-  """diffusion.mask_condition=pseudo_labels: the denoiser (input: latent + K-1 label channels) and what
-  follows it are redone, the FFD-VAE reused; its output depends on the label channels; the mask region is
-  still pasted exactly (hard blend to the last step)."""
-  wd = _copy(finished_run, tmp_path)
-  before = _snapshot(wd)
-  ctx = pipeline.run(_config(**{'diffusion.mask_condition': 'pseudo_labels'}), wd, show_progress=False)
-  new, touched = _changes(before, _snapshot(wd))
-  assert new == {'diffusion', 'synthesize', 'segment/diffuseg_seed0', 'segment/semi_seed0',
-                 'evaluate/diffuseg_seed0', 'evaluate/semi_seed0', 'quality'}
-  assert touched == set()
+  # The denoiser sees the label channels.
   from diffuseg_jax.stages import diffusion
 
   model, params, codec = diffusion.load(ctx)
@@ -254,6 +237,17 @@ def test_mask_conditioned_denoiser_retrains_diffusion_and_sees_the_label(finishe
           for v in (0.0, 1.0)]
   assert float(np.abs(outs[0] - outs[1]).max()) > 1e-4  # the label channels change what it predicts
   assert ctx.read_results()['synthesize']['region_max_abs_error_latent'] < 1e-4
+
+
+def test_added_seed_trains_and_evaluates_only_that_seed(finished_run, tmp_path):
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  pipeline.run(_config(**{'segmentation.seeds': (0, 1)}), wd, show_progress=False)
+  new, touched = _changes(before, _snapshot(wd))
+  assert new == {f'{kind}/{s}_seed1' for kind in ('segment', 'evaluate') for s in STRATEGIES} and touched == set()
+  metrics = json.load(open(os.path.join(wd, 'metrics.json')))
+  assert metrics['evaluate']['strategies']['diffuseg']['seeds'] == [0, 1]
+  assert '| 2 |' in open(os.path.join(wd, 'report.md')).read()  # the seeds column
 
 
 def test_changed_network_shape_retrains_it_and_switching_back_trains_nothing(finished_run, tmp_path, capsys):

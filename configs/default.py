@@ -141,9 +141,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # What the UNet predicts: epsilon (eq. 7) | v_prediction (SD 2.x) | pretrained (the scheduler config's)
       prediction_type='epsilon',
       finetune='full',  # a pretrained UNet: full | attention (only its attention blocks + the z_dom projection)
-      # none (eq. 7: D(x_t, t, z_dom)) | pseudo_labels (D also sees the label map: trained with the student's
-      # pseudo-labels of the target images, sampled with the given mask; sampling/mask_condition.py)
-      mask_condition='none',
+      # pseudo_labels (D also sees the label map: trained with the student's pseudo-labels of the target images,
+      # sampled with the given mask; sampling/mask_condition.py; benchmarks/QUALITY.md) | none (eq. 7: D(x_t, t,
+      # z_dom), the paper's; the Stable Diffusion route, whose pretrained UNet takes no extra channels)
+      mask_condition='pseudo_labels',
       loss_weighting='uniform',  # uniform (eq. 7) | min_snr (min(SNR, gamma) weighting of the x0 error)
       min_snr_gamma=5.0,
       steps=4000,
@@ -161,7 +162,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eta=0.0,
       guidance_scale=1.0,
       blend_mode='hard',  # hard | soft | soft_vp (soft, keeping the noise variance) | pyramid
-      blend_until=1.0,  # fraction of the DDIM steps that blend; the rest denoise freely (harmonise)
+      # Fraction of the DDIM steps that blend; the rest denoise freely (harmonise): with a mask-conditioned
+      # denoiser the region is redrawn in the target's appearance (0.5; QUALITY.md). 1.0: the paper's loop.
+      blend_until=0.5,
       soft_sigma=1.0,  # soft mode: Gaussian blur sigma (latent pixels) of the mask edge
       pyramid_levels=3,  # pyramid mode: Laplacian pyramid levels
       # Pixel mask -> latent mask: coverage (every latent pixel holding a labelled pixel: thin structures keep
@@ -278,6 +281,9 @@ def sd_route(c: ml_collections.ConfigDict) -> None:
   c.autoencoder.scaling_factor = None  # the VAE config's
   c.diffusion.pretrained_unet_path = c.get_ref('sd_path')
   c.diffusion.update(schedule='pretrained', prediction_type='pretrained', finetune='attention')
+  # The pretrained UNet reads the latent only (no label channels): the paper's loop, blending every step.
+  c.diffusion.mask_condition = 'none'
+  c.sampling.blend_until = 1.0
 
 
 def sd(c: ml_collections.ConfigDict) -> None:

@@ -27,7 +27,6 @@ def get_config(arg: str | None = None):
   c.vae.update(base_channels=16, teacher_steps=500, student_steps=500)
   c.diffusion.update(base_channels=16, channel_mult=(1, 2, 4), batch_size=32, steps=1200, learning_rate=5e-4)
   c.sampling.num_steps = 25
-  c.sampling.blend_until = 1.0  # blend every step (paper); 0.8 and 0.5 measured worse, see README
   # Transfer, the oracle, DiffuSeg and DiffuSeg + self-training, 3 seeds each (12 runs); add semi with
   # --config.segmentation.strategies=transfer,self,semi,diffuseg,diffuseg_st (3 more runs, ~2.5 min on 2 cores).
   c.segmentation.update(base_channels=8, steps=200, strategies='transfer,self,diffuseg,diffuseg_st')

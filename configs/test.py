@@ -24,7 +24,10 @@ def get_config(arg: str | None = None):
   # suite's time is mostly compiling it (two levels cost about a third more). Deeper UNets: tests/test_models.py.
   c.diffusion.update(base_channels=8, channel_mult=(1,), attention_levels=(0,), num_heads=2, num_cond_tokens=2,
                      steps=4, batch_size=16, num_timesteps=100)
-  c.sampling.update(num_steps=4, batch_size=16, shard_size=16, num_masks=32)
+  # The paper's loop (eq. 7's denoiser, blending every step): the tests that pin what each step pastes use it;
+  # the mask-conditioned default runs in tests/test_pipeline_e2e.py and tests/test_mask_condition.py.
+  c.diffusion.mask_condition = 'none'
+  c.sampling.update(num_steps=4, batch_size=16, shard_size=16, num_masks=32, blend_until=1.0)
   c.segmentation.update(base_channels=8, levels=1, steps=4, batch_size=16, seeds=(0,),
                         strategies='transfer,self,semi,diffuseg')
   c.eval.update(batch_size=16, num_quality_images=16, num_figure_examples=2)

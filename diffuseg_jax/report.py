@@ -198,7 +198,8 @@ def write_report(ctx, metrics: dict) -> str:
         '',
         f'{syn["num_images"]} images; blended DDIM with {syn["num_steps"]} steps, eta {syn["eta"]}, guidance '
         f'{syn["guidance_scale"]}, blend mode {syn["blend_mode"]} until {syn["blend_until"]:.0%} of the steps, '
-        f'region content `{syn["region_content"]}`. Pairs in `synthetic/images/` + `synthetic/labels/`'
+        f'region content `{syn["region_content"]}`; {denoiser_words(cfg.diffusion.mask_condition)}. Pairs in '
+        '`synthetic/images/` + `synthetic/labels/`'
         + (f'; as an nnU-Net v2 raw dataset in `{syn["nnunet_dataset"]}/`.' if syn.get('nnunet_dataset')
            else '.'),
         '',
@@ -223,6 +224,13 @@ def write_report(ctx, metrics: dict) -> str:
   path = ctx.path('report.md')
   atomic.write_text(path, '\n'.join(lines))
   return path
+
+
+def denoiser_words(mask_condition: str) -> str:
+  """Which denoiser drew the images: the paper's (eq. 7) or one that also saw the label map."""
+  if mask_condition == 'none':
+    return "the denoiser sees the latent and `z_dom` (the paper's eq. 7)"
+  return f'the denoiser also sees the label map (`diffusion.mask_condition={mask_condition}`)'
 
 
 def synthesis_speed(syn: dict) -> list[str]:

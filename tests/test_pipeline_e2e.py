@@ -50,6 +50,7 @@ def test_outputs_on_disk(finished_run):
     assert os.path.exists(finished_run.path(rel)), rel
   report = open(finished_run.path('report.md')).read()
   assert 'Transfer (source only)' in report and 'DiffuSeg (synthetic only)' in report and 'ORACLE' in report
+  assert "the denoiser sees the latent and `z_dom` (the paper's eq. 7)" in report  # configs/test.py: paper's loop
   assert os.listdir(os.path.join(finished_run.unit_dir('teacher'), 'tensorboard', 'teacher'))
   assert finished_run.training_log('teacher')[-1]['step'] == finished_run.config.vae.teacher_steps
   assert os.path.islink(finished_run.path('synthetic'))  # -> this run's synthesize unit
@@ -221,6 +222,7 @@ def test_changed_sampling_and_denoiser_fields_redo_diffusion_and_what_follows(fi
   assert strategies['diffuseg']['oracle'] and not strategies['transfer']['oracle']
   report = open(os.path.join(wd, 'report.md')).read()
   assert 'guidance 3.0' in report and 'ORACLE: synthesised from the test labels' in report
+  assert 'the denoiser also sees the label map (`diffusion.mask_condition=pseudo_labels`)' in report
   assert json.load(open(os.path.join(wd, 'config.json')))['sampling']['guidance_scale'] == 3.0
   assert os.path.realpath(os.path.join(wd, 'synthetic')).startswith(os.path.realpath(ctx.unit_dir('synthesize')))
   # The denoiser sees the label channels.

@@ -6,6 +6,8 @@ installed. The default method starts one process per framework (benchmarks/worke
 each timing process loaded only its own framework, and that a failed check stops the run before any timing.
 """
 
+import contextlib
+import io
 import os
 import sys
 
@@ -67,8 +69,20 @@ def _assert_one_framework_per_process(result, jax_impls):
   return jax_impls + tuple(torch_impls)
 
 
-def test_sampler_separate_processes(capsys):
-  result = sampler.main(TINY + ['--configs=mscmr', '--batches=1', '--steps=1'] + _torch_args())
+SAMPLER_ARGS = TINY + ['--configs=mscmr', '--batches=1', '--steps=1']
+
+
+@pytest.fixture(scope='module')
+def sampler_run():
+  """The sampler benchmark with separate processes (and torch when installed): (result, printed lines)."""
+  capture = io.StringIO()
+  with contextlib.redirect_stdout(capture):
+    result = sampler.main(SAMPLER_ARGS + _torch_args())
+  return result, capture.getvalue().strip().splitlines()
+
+
+def test_sampler_separate_processes(sampler_run):
+  result, lines = sampler_run
   impls = _assert_one_framework_per_process(result, ('scan', 'loop'))
   assert [r['impl'] for r in result['rows']] == list(impls)
   scan = result['rows'][0]
@@ -82,7 +96,7 @@ def test_sampler_separate_processes(capsys):
     assert checks['eps_rel_err'] < 1e-3 and checks['sample_rel_err'] < 1e-3  # the check process ran
     assert s['sampler_vs_torch'] > 0 and s['rss_vs_torch'] > 0 and s['torch_policy'] in common.OMP_POLICIES
     assert 1.0 in {r['vs_torch'] for r in result['rows'] if r['impl'].startswith('torch')}
-  last = capsys.readouterr().out.strip().splitlines()[-1]
+  last = lines[-1]
   assert last.startswith('sampler_vs_torch=') and 'scan_vs_loop=' in last and 'matmul_frac=' in last
   assert 'rss_vs_torch=' in last and last.endswith('baseline=separate_processes')
 
@@ -145,17 +159,15 @@ def test_fixed_randomness_loss_is_the_pipelines_loss(network):
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
 
 
-def test_same_process_bf16_and_no_torch_scan_only():
-  """The old method (--same-process) still runs; --dtype=bfloat16 with --impls=scan: only the scan row, the
-  bf16 UNet, and FLOPs from the lowered program (the same count as float32: cost analysis before backend
-  passes does not depend on the compute dtype). The float32 twin runs with separate processes without torch."""
-  args = TINY + ['--configs=mscmr', '--batches=1', '--steps=1', '--no-torch', '--impls=scan']
-  f32 = sampler.main(args)
-  assert [p['role'] for p in f32['processes']] == ['check', 'numpy', 'jax']
-  assert all('torch' not in p['modules'] for p in f32['processes'])
+def test_same_process_bf16_and_no_torch_scan_only(sampler_run):
+  """The old method (--same-process) still runs; --dtype=bfloat16 with --no-torch --impls=scan: only the scan
+  row, the bf16 UNet, and FLOPs from the lowered program (the same count as float32, the scan row of the
+  separate-processes run: cost analysis before backend passes does not depend on the compute dtype)."""
+  args = SAMPLER_ARGS + ['--no-torch', '--impls=scan']
   bf16 = sampler.main(args + ['--dtype=bfloat16', '--same-process'])
   assert bf16['summary']['baseline'] == 'same_process' and 'rss_vs_torch' not in bf16['summary']
-  f32, bf16 = f32['rows'][0], bf16['rows']
+  f32, bf16 = sampler_run[0]['rows'][0], bf16['rows']
+  assert f32['impl'] == 'scan'
   assert [r['impl'] for r in bf16] == ['scan'] and bf16[0]['dtype'] == 'bfloat16' and f32['dtype'] == 'float32'
   assert bf16[0]['step_gflop'] == pytest.approx(f32['step_gflop'], rel=0.05)
   with pytest.raises(SystemExit):

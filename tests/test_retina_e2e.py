@@ -26,6 +26,11 @@ def finished(request, tmp_path_factory):
   return medical.run_dataset(request.param, tmp_path_factory)
 
 
+@pytest.fixture(scope='module')
+def finished_full(finished):
+  return finished
+
+
 def test_retina_at_released_sizes(finished):
   """DRIVE -> IOSTAR (build_retina): every split at its released size, every batch the config's own, and
   every stage through `evaluate`, although the diffuseg network's training set is smaller than its batch."""

@@ -177,10 +177,16 @@ def test_state_roundtrip_through_checkpoint(tmp_path):
   state = ctx.train(task, _arrays()).state
   ckpt = StageCheckpointer(ctx.checkpoint_dir('toy'))
   restored, _, step = task_lib.init_or_restore(task, ctx.mesh, ckpt)
+  # What inference reads: the EMA weights alone, the same tree and values as in the whole state.
+  ema, _, ema_step = ckpt.restore(task_lib.abstract_state(task, ctx.mesh), only='ema_params')
   ckpt.close()
   assert isinstance(restored, TrainState) and int(restored.step) == 4 and step == 4
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert ema_step == 4 and jax.tree.structure(ema) == jax.tree.structure(state.ema_params)
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert b.sharding.is_fully_replicated and len(b.sharding.device_set) == 8
 
 
 def test_small_replicated_arrays_are_saved_whole(tmp_path, monkeypatch):

@@ -159,16 +159,16 @@ def load_final(task: Task, mesh: Mesh, directory: str, memo: dict | None = None)
     return memo[key]
   ckpt = StageCheckpointer(directory)
   try:
-    restored = ckpt.restore(abstract_state(task, mesh))
+    restored = ckpt.restore(abstract_state(task, mesh), only='ema_params')
   finally:
     ckpt.close()
   if restored is None:
     raise ValueError(f'{task.name}: no usable checkpoint in {directory}; run its stage first')
-  state, _, step = restored
+  ema_params, _, step = restored
   if step < task.num_steps:
     raise ValueError(f'{task.name}: the newest usable checkpoint in {directory} is step {step}, not the final '
                      f'step {task.num_steps}; rerun its stage to finish training')
-  params = jax.device_put(state.ema_params, sharding.replicated(mesh))
+  params = jax.device_put(ema_params, sharding.replicated(mesh))
   if memo is not None:
     memo[key] = params
   return params

@@ -11,7 +11,9 @@
 #      first): images/s, fraction of the bf16 matmul ceiling, compile of the whole scan vs one step, and the
 #      synthesize stage (SD-sized VAE decode, PNG writing) against its bare program (benchmarks/sd_sampler.py).
 #      JAX only, so it takes 90 % of GPU memory, and it compiles cold (no persistent cache); its own time limit
-#      SD_SECONDS (default 480). It runs first: when GPU time is short, it is the part to have.
+#      SD_SECONDS (default 480). It runs first: when GPU time is short, it is the part to have. 386 s on an H200
+#      (2026-12-04). --step-gflop: the UNet step's FLOPs per image, from `--count-flops` on a CPU, for the
+#      TFLOP/s columns where XLA gives no count on the GPU (jax 0.11.2 gave none).
 #   1. sampler, config (b) mscmr, float32, batch 1/16/64/256: scan vs Python loop vs PyTorch (small batches
 #      show what one XLA program per trajectory saves over a host round trip per step);
 #   2. sampler, config (b), bfloat16 compute, batch 64/256/512: scan vs PyTorch under autocast, against the
@@ -40,7 +42,7 @@ part() {
 
 PART_SECONDS=${SD_SECONDS:-480} XLA_PYTHON_CLIENT_MEM_FRACTION=${SD_MEM_FRACTION:-0.9} JAX_COMPILATION_CACHE_DIR= \
   part sd_bf16 -m benchmarks.sd_sampler --batches=64,256,16 --dtype=bfloat16 --repeats=3 --budget-s=40 \
-  --stage-batch=64 --stage-batches=4
+  --stage-batch=64 --stage-batches=4 --step-gflop=781.7
 
 # Each framework in its own process; on a GPU OpenMP's waiting policy does not matter, so torch runs once.
 part sampler_f32 -m benchmarks.sampler --configs=mscmr --batches=1,16,64,256 --repeats=5 --omp-policies=passive

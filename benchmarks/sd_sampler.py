@@ -22,40 +22,37 @@ JSON rewritten after each, so a run killed by its time limit keeps what it had m
   batch B  AOT lower + compile of the whole `lax.scan` sampler (latents in, latents out); one warm-up call, then
            up to --repeats timed calls that fit in --budget-s seconds (none when the warm-up alone exceeds it:
            then the warm-up is the timing, `timed_runs=0`); images/s = their median. GFLOP per image = XLA's cost
-           analysis of the lowered step (with the default attention: see below) x steps / B; TFLOP/s and its
+           analysis of the lowered step (with the einsum attention: see below) x steps / B; TFLOP/s and its
            fraction of the bf16 ceiling; XLA's temp memory of the program; the process-wide device peak.
            XLA reuses autotuning results across programs of the same shapes, so the scan at the first batch
            compiles warm (`autotune_warm`); the summary's scan_compile_s is the first cold one.
   stage    at --stage-batch (default 64), right after that batch's row: the real `synthesis.synthesize` (the
            region image encoded by an SD-sized VAE of random weights, the scan, 64x64x4 decoded to 512x512x3)
-           jitted as the stage does, then --stage-batches batches through the stage's own pattern: batch i+1
-           rendered on the host (`render_regions`, per-class appearance) and dispatched before batch i is copied
-           back, one shard per batch written (PNG + npz, `synthetic_io.write_shard`) by the BackgroundWriter into
-           a temporary folder. stage images/s = images after the first batch / time from the first to the last
-           copy back; `stage_img_s_with_last_write` also waits for the last shard's files (the stage's
-           `StageTiming`), which a run of many shards pays once. stage_vs_sampler = stage images/s /
-           `bare_sampler_rate` (one more call of the compiled synthesize program alone: the stage's own metric);
+           jitted as the stage does, then --stage-batches batches through the stage's own loop
+           (`synthesize.dispatch_in_order`): batch i+1 rendered on a thread (`render_regions`, per-class
+           appearance; `prefetch`) and dispatched before batch i is copied back, one shard per batch written
+           (PNG + npz, `synthetic_io.write_shard`) by the BackgroundWriter into a temporary folder. stage
+           images/s = images after the first batch / time from the first batch's end to the last copy back
+           (`sampling_images_per_second`); `stage_img_s_with_last_write` also waits for the last shard's files
+           (the stage's `stage_images_per_second`), which a run of many shards pays once. stage_vs_sampler =
+           stage images/s / `bare_sampler_rate` (one more call of the compiled synthesize program alone);
            stage_vs_scan = stage images/s / the batch row's scan-only images/s (encode, decode and host work).
-Attention: diffusers' default attention materialises the [B * heads, tokens, tokens] scores and probabilities:
-2 x 64 GiB in bf16 at batch 256 and 64x64 latents, more than the ~126 GiB JAX gets of an H200 (140 GiB) at a
-memory fraction of 0.9. --attention=auto (default) keeps it unless those two tensors would take over half the device's
-memory, and then runs that batch with diffusers' memory-efficient attention (64 query chunks per layer, in a
-loop), noted in the row's `attention`; on an H200 that is batch 256 only. FLOPs are always counted on the
-default-attention step: XLA counts a loop body once.
+  attention_check  `layers.fused_attention` at each of the UNet's attention shapes: the kernel the backend took
+           (cudnn or xla) and the largest difference from XLA's einsums in float32.
+Attention (--attention): `fused` (what the pipeline runs: `PretrainedCondUNet(attention='fused')`, cuDNN's flash
+attention on a GPU in bfloat16), `default` (diffusers' einsums, which materialise the [B * heads, tokens, tokens]
+scores and probabilities: 2 x 64 GiB in bf16 at batch 256 and 64x64 latents, more than the ~126 GiB JAX gets of an
+H200 at a memory fraction of 0.9) or `memory_efficient` (diffusers' loop over 64 query chunks per layer). `auto`
+(default) = fused, unless fused would be XLA's einsums (no GPU) and their tensors would take over half the
+device's memory: then memory_efficient. FLOPs are always counted on the einsum step: XLA counts a loop body once
+and does not count a cuDNN custom call. Where XLA gives no count (jax 0.11.2 on an H200: neither the GPU's nor a
+CPU lowering's analysis), --step-gflop supplies it; `--count-flops` prints it on any CPU (SD-1.x UNet, 64x64x4:
+781.7 GFLOP per image per step, 39.1 TFLOP per 50-step image; benchmarks/gpu.sh passes it).
 
-Expected time on one H200 (bf16 ceiling measured there before: 674 TFLOP/s), for benchmarks/gpu.sh's
-`--batches=64,256,16 --repeats=3 --budget-s=40 --stage-batches=4`:
-  work     the UNet takes 0.782 TFLOP per image per step (lowered cost analysis), 39.1 TFLOP per 50-step image;
-           the SD VAE encodes 512^2 in 1.11 and decodes in 2.51 TFLOP per image. At 25-40 % of the ceiling
-           (170-270 TFLOP/s) a scan call takes 2.3-3.7 s at batch 16, 9-15 s at 64, 37-59 s at 256.
-  runs     b64: warm-up + 2-3 timed, 36-45 s; stage: 4 batches + 1 bare call, each ~1.1 scan calls, 49-80 s;
-           b256: warm-up + 0-1 timed, 59-74 s (more if the memory-efficient attention is slower); b16: 9-15 s.
-           Together 155-215 s.
-  compile  a guess (SD-sized UNet programs, mostly autotuning): cold 30-60 s each: step@64 30-60, scan@64 (warm)
-           15-30, synthesize@64 (UNet warm, VAE cold) 30-50, scan@256 30-60, scan@16 30-60: 135-260 s.
-  fixed    process start and imports 15 s, weights drawn on the device 10-25 s, ceilings 5 s.
-  total    about 5.5-9 min. gpu.sh gives the part 480 s; at the slow end the time limit cuts the last batch (16,
-           the least informative), and everything before it is already in the JSON.
+Measured on one H200 (benchmarks/RESULTS.md, 2026-12-04), bf16 ceiling 659-715 TFLOP/s: fused attention 10.6
+img/s at batch 256 (58 % of the ceiling) and 10.3 at 64; diffusers' einsums 6.4 at 64, its memory-efficient loop
+4.7 at 256; scan compile 14-27 s, one step's 22-24 s (cold autotuning); the stage at batch 64 0.996 of its program.
+A run of gpu.sh's part (--batches=64,256,16, stage 4 batches) took 386 s with the process start.
 The last printed line is `sd_sampler: img_s_b256=... frac_bf16_b256=... stage_vs_sampler=... scan_compile_s=...
 step_compile_s=...` (the batch of the first two is --summary-batch: 256, or with --quick the largest batch).
 """
@@ -104,7 +101,7 @@ TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlo
 TINY_LATENT = (8, 8, 4)
 SD_SCHEDULE = dict(name='scaled_linear', num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
 NUM_CLASSES = 4  # label maps of the stage part: background + 3 classes
-ATTENTION = ('auto', 'default', 'memory_efficient')
+ATTENTION = ('auto', 'fused', 'default', 'memory_efficient')
 
 
 @dataclasses.dataclass
@@ -120,11 +117,14 @@ class Setup:
   settings: sampler.SamplerSettings
   alphas: np.ndarray  # float32 [T]
   quick: bool
+  step_gflop: float | None = None  # --step-gflop: the count to use where XLA's cost analysis gives none
 
-  def model(self, memory_efficient: bool) -> da.PretrainedCondUNet:
-    unet = self.unet.clone(use_memory_efficient_attention=memory_efficient)
+  def model(self, attention: str) -> da.PretrainedCondUNet:
+    """attention: fused (the pipeline's: `layers.fused_attention`), default (diffusers' einsums) or
+    memory_efficient (diffusers' query-chunked loop)."""
+    unet = self.unet.clone(use_memory_efficient_attention=attention == 'memory_efficient')
     return da.PretrainedCondUNet(unet, cond_dim=self.cond_dim, num_cond_tokens=self.num_cond_tokens,
-                                 dtype=self.dtype)
+                                 dtype=self.dtype, attention='fused' if attention == 'fused' else 'diffusers')
 
 
 def device_params(init_weights, seed: int = 0):
@@ -172,7 +172,7 @@ def build(quick: bool, steps: int, dtype: str) -> tuple[Setup, float]:
                 np.asarray(schedules.make_schedule(s['name'], s['num_timesteps'], s['beta_start'],
                                                    s['beta_end']).alphas_cumprod, np.float32), quick)
   setup.params = jax.block_until_ready(
-      da.init_pretrained_cond_unet(setup.model(False), unet_params, jax.random.key(1))['params'])
+      da.init_pretrained_cond_unet(setup.model('default'), unet_params, jax.random.key(1))['params'])
   return setup, time.perf_counter() - t0
 
 
@@ -194,11 +194,43 @@ def memory_limit_bytes() -> int | None:
   return int(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
 
 
-def use_memory_efficient(choice: str, setup: Setup, batch: int) -> bool:
+def attention_for(choice: str, setup: Setup, batch: int) -> str:
+  """auto -> fused, what the pipeline runs, unless it would be XLA's einsums (no GPU, or not 16-bit) and their
+  score tensors would take over half the device's memory: then diffusers' memory-efficient loop."""
   if choice != 'auto':
-    return choice == 'memory_efficient'
+    return choice
   limit = memory_limit_bytes()
-  return limit is not None and attention_bytes(setup.unet, batch, setup.latent[:2]) > limit / 2
+  flash = jax.default_backend() == 'gpu' and jnp.dtype(setup.dtype).itemsize == 2
+  too_big = limit is not None and attention_bytes(setup.unet, batch, setup.latent[:2]) > limit / 2
+  return 'memory_efficient' if too_big and not flash else 'fused'
+
+
+def attention_check(setup: Setup, batch: int = 2) -> list[dict[str, Any]]:
+  """`layers.fused_attention` at the UNet's attention shapes (self-attention and the cross-attention over the
+  z_dom tokens, per level) in the compute dtype: which kernel the backend took (cuDNN's flash attention shows
+  as a custom call in the lowered program) and its largest difference from XLA's einsums in float32."""
+  from diffuseg_jax.models.layers import fused_attention
+
+  unet, (h, w) = setup.unet, setup.latent[:2]
+  heads = unet.num_attention_heads or unet.attention_head_dim
+  fused = jax.jit(fused_attention)
+  reference = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla'))
+  rows = []
+  for level, (kind, width) in enumerate(zip(unet.down_block_types, unet.block_out_channels, strict=True)):
+    if 'CrossAttn' not in kind:
+      continue
+    n = heads[level] if isinstance(heads, (tuple, list)) else heads
+    tokens, head_dim = (h >> level) * (w >> level), width // n
+    for kv_tokens in (tokens, setup.num_cond_tokens):
+      keys = jax.random.split(jax.random.key(level), 3)
+      q, k, v = (jax.random.normal(key, (batch, t, n, head_dim), jnp.float32)
+                 for key, t in zip(keys, (tokens, kv_tokens, kv_tokens), strict=True))
+      low = [a.astype(setup.dtype) for a in (q, k, v)]
+      text = fused.lower(*low).as_text().lower()
+      diff = jnp.abs(fused(*low).astype(jnp.float32) - reference(q, k, v)).max()
+      rows.append({'tokens': tokens, 'kv_tokens': kv_tokens, 'head_dim': head_dim,
+                   'kernel': 'cudnn' if 'cudnn' in text else 'xla', 'max_abs_diff': float(diff)})
+  return rows
 
 
 def sampler_inputs(setup: Setup, batch: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -260,39 +292,49 @@ def time_calls(fn, images: int, repeats: int, budget_s: float) -> dict[str, Any]
   return {**common.rate_cell(timing), 'timed_runs': n, 'first_call_s': first}
 
 
-def _loop(setup: Setup, memory_efficient: bool) -> sampler.LoopSampler:
-  model = setup.model(memory_efficient)
+def _loop(setup: Setup, attention: str) -> sampler.LoopSampler:
+  model = setup.model(attention)
   return sampler.LoopSampler(_apply_eps(model, setup.alphas, setup.settings.prediction_type), setup.settings)
 
 
-def step_gflop_per_image(setup: Setup, batch: int) -> float | None:
-  """GFLOP of one sampler step per image: XLA's cost analysis of the lowered step (no compile), always with the
-  default attention: the memory-efficient one loops over query chunks, and XLA counts a loop body once."""
-  flops = common.xla_flops(sampler_bench.lower_step(_loop(setup, False), setup.params, sampler_inputs(setup, batch)))
-  return flops / batch / 1e9 if flops else None
+def step_gflop_per_image(setup: Setup, batch: int) -> tuple[float | None, str | None]:
+  """(GFLOP of one sampler step per image, where the count came from): XLA's cost analysis of the lowered step
+  (no compile), always with diffusers' einsum attention (the memory-efficient one loops over query chunks and
+  XLA counts a loop body once; the fused one is a cuDNN custom call on a GPU, which XLA does not count). Where
+  the backend's lowered program has no analysis, the same step lowered for the CPU; where that has none either
+  (jax 0.11.2 on an H200 gave none for both), `setup.step_gflop` (--step-gflop, counted by --count-flops)."""
+  loop, inputs = _loop(setup, 'default'), sampler_inputs(setup, batch)
+  flops = common.xla_flops(sampler_bench.lower_step(loop, setup.params, inputs))
+  if flops is None and jax.default_backend() != 'cpu':
+    flops = common.xla_flops(sampler_bench.lower_step(loop, setup.params, inputs, platform='cpu'))
+  if flops:
+    return flops / batch / 1e9, 'xla cost analysis'
+  return (setup.step_gflop, '--step-gflop') if setup.step_gflop else (None, None)
 
 
 def step_compile(setup: Setup, batch: int, attention: str) -> dict[str, Any]:
   """Lower + compile one jitted sampler step (the loop sampler's), cold: before any other UNet program."""
-  memory_efficient = use_memory_efficient(attention, setup, batch)
-  loop = _loop(setup, memory_efficient)
+  attention = attention_for(attention, setup, batch)
+  loop = _loop(setup, attention)
   lowered, lower_s = _timed(lambda: sampler_bench.lower_step(loop, setup.params, sampler_inputs(setup, batch)))
   compiled, compile_s = _timed(lowered.compile)
-  return {'batch': batch, 'attention': 'memory_efficient' if memory_efficient else 'default',
+  gflop, source = step_gflop_per_image(setup, batch)
+  return {'batch': batch, 'attention': attention,
           'lower_s': lower_s, 'compile_s': compile_s, 'lower_compile_s': lower_s + compile_s,
-          'step_gflop_per_image': step_gflop_per_image(setup, batch), 'temp_MiB': temp_mib(compiled)}
+          'step_gflop_per_image': gflop, 'gflop_source': source, 'temp_MiB': temp_mib(compiled)}
 
 
 def bench_batch(setup: Setup, batch: int, attention: str, repeats: int, budget_s: float, ceilings: dict,
                 autotune_warm: bool) -> dict[str, Any]:
   """The row of one batch size: compile, images/s, FLOPs and their fraction of the ceilings, memory."""
-  memory_efficient = use_memory_efficient(attention, setup, batch)
+  attention = attention_for(attention, setup, batch)
+  gflop, source = step_gflop_per_image(setup, batch)
   row = {'batch': batch, 'dtype': jnp.dtype(setup.dtype).name, 'steps': setup.settings.num_steps,
-         'attention': 'memory_efficient' if memory_efficient else 'default', 'autotune_warm': autotune_warm,
-         'step_gflop_per_image': step_gflop_per_image(setup, batch)}
+         'attention': attention, 'autotune_warm': autotune_warm, 'step_gflop_per_image': gflop,
+         'gflop_source': source}
   inputs = sampler_inputs(setup, batch)
   args = (setup.params, jax.random.key(batch), inputs['region'], inputs['mask'], inputs['z_dom'])
-  lowered, compiled, lower_s, compile_s = aot(scan_sampler(setup, setup.model(memory_efficient)), *args)
+  lowered, compiled, lower_s, compile_s = aot(scan_sampler(setup, setup.model(attention)), *args)
   scan_flops = common.xla_flops(lowered)
   row.update(scan_lower_s=lower_s, scan_compile_s=lower_s + compile_s, temp_MiB=temp_mib(compiled),
              scan_cost_gflop=scan_flops / 1e9 if scan_flops else None)
@@ -342,14 +384,15 @@ def bench_stage(setup: Setup, batch: int, num_batches: int, attention: str, writ
   # a GPU image may lack; then only this part fails, not the sampler rows.
   from diffuseg_jax import synthetic_io
   from diffuseg_jax.background_writer import BackgroundWriter
+  from diffuseg_jax.prefetch import prefetch
   from diffuseg_jax.stages import synthesize as stage
 
-  memory_efficient = use_memory_efficient(attention, setup, batch)
-  model = setup.model(memory_efficient)
+  attention = attention_for(attention, setup, batch)
+  model = setup.model(attention)
   codec = codec_for(setup, setup.dtype)
   size = setup.latent[0] * codec.downsample
   out = {'batch': batch, 'batches': num_batches, 'image_size': size, 'decode_included': True,
-         'attention': 'memory_efficient' if memory_efficient else 'default', 'writer_depth': writer_depth}
+         'attention': attention, 'writer_depth': writer_depth}
   data = stage_data(max(8, batch), size, setup.cond_dim)
   masks, n = data['masks'], len(data['masks'])
   jitted = jax.jit(functools.partial(synthesis.synthesize, model, setup.settings, jnp.asarray(setup.alphas)))
@@ -360,42 +403,31 @@ def bench_stage(setup: Setup, batch: int, num_batches: int, attention: str, writ
     rows = np.arange(b * batch, (b + 1) * batch) % n
     m = masks[rows]
     region = stage.render_regions(m, 'rendered', data['appearance'], NUM_CLASSES, 3, rng, rows)
-    return rows, (setup.params, codec, jax.random.fold_in(key, b), jax.device_put(region),
-                  jax.device_put((m > 0).astype(np.float32)), jax.device_put(data['z_dom'][rows]))
+    return (b, rows), (setup.params, codec, jax.random.fold_in(key, b), jax.device_put(region),
+                       jax.device_put((m > 0).astype(np.float32)), jax.device_put(data['z_dom'][rows]))
 
   _, compiled, lower_s, compile_s = aot(jitted, *host_batch(0)[1])
   out.update(synthesize_compile_s=lower_s + compile_s, temp_MiB=temp_mib(compiled))
   print(f'stage batch {batch}: synthesize compiled in {lower_s + compile_s:.1f} s', flush=True)
   timing = stage.StageTiming()
-  last_copy, last_inputs = None, None
+  last_inputs = None
+  items = prefetch(map(host_batch, range(num_batches)), depth=1)  # as the stage: rendered on a thread
   with tempfile.TemporaryDirectory(prefix='sd_stage_') as root, BackgroundWriter(depth=writer_depth) as writer:
-    in_flight = None
-    for b in range(num_batches + 1):  # the stage's loop: dispatch batch b, then copy back batch b - 1
-      launched = None
-      if b < num_batches:
-        rows, inputs = host_batch(b)
-        launched = (b, rows, compiled(*inputs))
-        last_inputs = inputs
-      if in_flight is not None:
-        b0, rows0, (images, err) = in_flight
-        images, err = np.asarray(images), np.asarray(err)
-        timing.batch_done(len(rows0))
-        last_copy = time.perf_counter()
-        timing.max_err = max(timing.max_err, float(err.max()))
-        idx = np.arange(b0 * batch, (b0 + 1) * batch)
-        writer.submit(synthetic_io.write_shard, root, b0, images, masks[rows0], idx, rows0, rows0,
-                      np.ones((batch, 2), np.float32), 'png')
-      in_flight = launched
+    for (b0, rows0), inputs, images, err in stage.dispatch_in_order(compiled, items, timing):
+      timing.batch_done(len(rows0))
+      last_inputs = inputs
+      timing.max_err = max(timing.max_err, float(err.max()))
+      idx = np.arange(b0 * batch, (b0 + 1) * batch)
+      writer.submit(synthetic_io.write_shard, root, b0, images, masks[rows0], idx, rows0, rows0,
+                    np.ones((batch, 2), np.float32), 'png')
     writer.close()
     timing.finish(writer)
     out['files_written'] = len(os.listdir(os.path.join(root, 'images')))
   timed = timing.summary(stage.bare_sampler_rate(compiled, last_inputs, batch))
-  steady = None
-  if timing.images_after_first and timing.first_batch_done is not None:
-    steady = timing.images_after_first / max(last_copy - timing.first_batch_done, 1e-9)
+  steady = timed['sampling_images_per_second']
   out.update(stage_img_s=steady, stage_img_s_with_last_write=timed['stage_images_per_second'],
              synthesize_img_s=timed['sampler_images_per_second'], scan_img_s=scan_img_s,
-             stage_vs_sampler=common.ratio(steady, timed['sampler_images_per_second']),
+             stage_vs_sampler=timed['sampling_vs_sampler'],
              stage_vs_sampler_with_last_write=timed['stage_vs_sampler'],
              stage_vs_scan=common.ratio(steady, scan_img_s),
              synthesize_vs_scan=common.ratio(timed['sampler_images_per_second'], scan_img_s),
@@ -449,7 +481,22 @@ def summary(result: dict[str, Any], summary_batch: int) -> dict[str, float | Non
           'step_compile_s': (result.get('step') or {}).get('lower_compile_s')}
 
 
+def count_flops(args: argparse.Namespace) -> dict[str, Any]:
+  """--count-flops: GFLOP of one sampler step per image at each batch, from XLA's cost analysis on this machine
+  (a CPU will do: the count depends on the program, not on where it runs); nothing is timed."""
+  setup, _ = build(args.quick, args.steps, args.dtype)
+  counts = {}
+  for batch in (int(b) for b in args.batches.split(',') if b):
+    counts[batch], source = step_gflop_per_image(setup, batch)
+    print(f'batch {batch}: {counts[batch]} GFLOP per image per step ({source})', flush=True)
+  result = {'env': common.environment(), 'args': vars(args), 'step_gflop_per_image': counts}
+  save(args.json, result)
+  return result
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+  if args.count_flops:
+    return count_flops(args)
   batches = tuple(int(b) for b in args.batches.split(',') if b)
   stage_batch = args.stage_batch if args.stage_batch is not None else (64 if 64 in batches else max(batches))
   summary_batch = args.summary_batch or (max(batches) if args.quick else 256)
@@ -466,10 +513,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"f32 {result['ceiling']['float32']:.1f} GFLOP/s", flush=True)
   save(args.json, result)
   setup, init_s = build(args.quick, args.steps, args.dtype)
+  setup.step_gflop = args.step_gflop
   result['setup'] = {'params': common.param_count(setup.params), 'latent': setup.latent, 'init_s': init_s,
                      'settings': dataclasses.asdict(setup.settings), 'param_dtype': 'float32',
                      'compute_dtype': jnp.dtype(setup.dtype).name}
   print(f"UNet: {result['setup']['params'] / 1e6:.1f}M params drawn on the device in {init_s:.1f} s", flush=True)
+  save(args.json, result)
+  result['attention_check'] = _guarded('attention check', lambda: attention_check(setup), [])
+  for r in result['attention_check']:
+    print(f"attention {r['tokens']}x{r['kv_tokens']} tokens, head width {r['head_dim']}: {r['kernel']}, "
+          f"max |fused - float32 einsum| {r['max_abs_diff']:.3g}", flush=True)
   save(args.json, result)
   result['step'] = _guarded('step compile', lambda: step_compile(setup, batches[0], args.attention),
                             {'batch': batches[0]})
@@ -535,6 +588,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--summary-batch', type=int, default=None, help='batch of the summary line (default 256)')
   p.add_argument('--matmul-n', type=int, default=None, help='matmul ceiling n (default 8192 GPU, 2048 CPU, 256 quick)')
   p.add_argument('--json', default=None, help='write the results here (after every part)')
+  p.add_argument('--step-gflop', type=float, default=None,
+                 help='GFLOP per image per step, used where XLA gives no count (see --count-flops)')
+  p.add_argument('--count-flops', action='store_true',
+                 help='only print GFLOP per image per step at --batches (run it on a CPU; no timing)')
   args = p.parse_args(argv)
   if args.writer_depth is None:
     args.writer_depth = int(load_config('default', 'sd').sampling.writer_queue)
@@ -545,7 +602,8 @@ def main(argv=None) -> dict[str, Any]:
   common.prepare_process()
   args = parse_args(argv)
   result = run(args)
-  report(result)
+  if not args.count_flops:
+    report(result)
   return result
 
 

@@ -12,7 +12,7 @@ from sd_fixtures import host_params
 
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models import diffusers_adapter as da
-from diffuseg_jax.models import latent
+from diffuseg_jax.models import latent, layers
 
 B, H = 2, 16  # latent 8x8x4: NCHW and NHWC latents are distinguishable by diffusers
 
@@ -90,6 +90,29 @@ def test_pretrained_cond_unet_matches_direct_call(saved, capfd):
     jax.eval_shape(lambda: wrapper.apply(variables, jnp.zeros((1, 4, 4, 3)), t[:1], z[:1]))
   out = capfd.readouterr()
   assert 'deprecated' not in out.out + out.err
+
+
+def test_fused_attention_matches_diffusers_attention(saved, monkeypatch):
+  """attention='fused' (the default) sends every attention layer through layers.fused_attention and gives
+  diffusers' own result (its einsums, or its query-chunked loop) with the same weights."""
+  root, _, _, _, _ = saved
+  module, params = da.load_pretrained_unet(root)
+  calls = []
+  counted = lambda *a, **k: calls.append(a[0].shape) or layers.fused_attention(*a, **k)  # noqa: E731
+  monkeypatch.setattr(da, 'fused_attention', counted)
+  x, t, z = _x(1, (B, 4, 4, 4)), jnp.array([5, 900]), _x(2, (B, 3))
+  out = {}
+  for name, unet, attention in (('fused', module, 'fused'), ('einsum', module, 'diffusers'),
+                                ('chunked', module.clone(use_memory_efficient_attention=True), 'diffusers')):
+    wrapper = da.PretrainedCondUNet(unet, cond_dim=3, num_cond_tokens=2, attention=attention)
+    variables = da.init_pretrained_cond_unet(wrapper, params, jax.random.key(0))
+    out[name] = np.asarray(jax.jit(lambda v, w=wrapper: w.apply(v, x, t, z))(variables))
+  assert calls and all(len(shape) == 4 for shape in calls)  # [B, T, heads, head width]
+  np.testing.assert_allclose(out['fused'], out['einsum'], atol=2e-5)
+  np.testing.assert_allclose(out['fused'], out['chunked'], atol=2e-5)
+  with pytest.raises(ValueError, match='attention='):
+    bad = da.PretrainedCondUNet(module, cond_dim=3, num_cond_tokens=2, attention='flash')
+    jax.eval_shape(lambda: bad.init(jax.random.key(0), x, t, z))
 
 
 def test_bad_paths_raise_user_error(tmp_path, saved):

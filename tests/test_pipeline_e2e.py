@@ -216,6 +216,7 @@ def test_changed_sampling_and_denoiser_fields_redo_diffusion_and_what_follows(fi
   if speed['stage_images_per_second'] is not None:  # more than one batch
     ratio = speed['stage_images_per_second'] / speed['sampler_images_per_second']
     assert speed['stage_vs_sampler'] == pytest.approx(ratio)
+    assert speed['sampling_images_per_second'] >= speed['stage_images_per_second']  # before the last write
   assert metrics['synthesize']['fingerprint'] == ctx.fingerprint('synthesize') == metrics['fingerprints']['synthesize']
   strategies = metrics['evaluate']['strategies']
   assert strategies['diffuseg']['per_seed'][0]['fingerprint'] == ctx.fingerprint('evaluate/diffuseg_seed0')

@@ -8,6 +8,7 @@ Layout: `path` is either the model directory itself (config.json + diffusion_fla
 Diffusion pipeline root holding it in `vae/` (autoencoder) or `unet/` (UNet).
 """
 
+import contextlib
 import json
 import os
 import warnings
@@ -22,12 +23,14 @@ from flax.traverse_util import flatten_dict
 
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.cond_unet import select_condition
+from diffuseg_jax.models.layers import fused_attention
 
 # Before the Flax classes are first touched: importing them already logs the notice.
 diffusers.utils.logging.set_verbosity_error()
 warnings.filterwarnings('ignore', message='.*Flax classes are deprecated.*')
 FlaxAutoencoderKL = diffusers.FlaxAutoencoderKL
 FlaxUNet2DConditionModel = diffusers.FlaxUNet2DConditionModel
+from diffusers.models.attention_flax import FlaxAttention  # noqa: E402 - after the notice is silenced
 
 Array = jnp.ndarray
 Params = Any
@@ -107,6 +110,28 @@ def pretrained_ae_decode(module: FlaxAutoencoderKL, params: Params, z: Array) ->
   return rearrange(out.sample, 'b c h w -> b h w c').astype(jnp.float32)
 
 
+ATTENTION = ('fused', 'diffusers')
+
+
+def _fused_diffusers_attention(next_fun, args, kwargs, context):
+  """An `nn.intercept_methods` hook: diffusers' `FlaxAttention.__call__` with its own projections and weights,
+  but the attention itself through `layers.fused_attention` (cuDNN's flash attention on a GPU in bfloat16)
+  instead of diffusers' einsums, which materialise [B * heads, T, S] scores and probabilities: 2 x 64 GiB at
+  batch 256 on SD's 64x64 latents. Every other method runs unchanged."""
+  module = context.module
+  if context.method_name != '__call__' or not isinstance(module, FlaxAttention):
+    return next_fun(*args, **kwargs)
+  names = ('hidden_states', 'context', 'deterministic')
+  call = {**dict(zip(names[:len(args)], args, strict=True)), **kwargs}
+  hidden = call['hidden_states']
+  ctx = hidden if call.get('context') is None else call['context']
+  split = lambda proj, x: rearrange(proj(x), 'b t (n d) -> b t n d', n=module.heads)  # diffusers' head order
+  out = fused_attention(split(module.query, hidden), split(module.key, ctx), split(module.value, ctx),
+                        scale=module.scale)
+  out = module.proj_attn(rearrange(out, 'b t n d -> b t (n d)'))
+  return module.dropout_layer(out, deterministic=call.get('deterministic', True))
+
+
 class PretrainedCondUNet(nn.Module):
   """A diffusers FlaxUNet2DConditionModel driven by z_dom; same call as `CondUNet`.
 
@@ -115,12 +140,16 @@ class PretrainedCondUNet(nn.Module):
   by a trainable MLP to num_cond_tokens tokens of width cross_attention_dim, which replace the text
   embeddings. Parameter tree: {'null_cond', 'cond_tokens_0', 'cond_tokens_1', 'cond_tokens_norm', 'unet'};
   build it with `init_pretrained_cond_unet` so the pretrained weights are not re-initialised.
+  `attention='fused'` computes the UNet's attention layers through `layers.fused_attention` (same weights, same
+  result to rounding; see `_fused_diffusers_attention`), 'diffusers' with the UNet's own code (its einsums, or
+  its query-chunked loop where the module was built with use_memory_efficient_attention).
   """
 
   unet: nn.Module  # a FlaxUNet2DConditionModel (from load_pretrained_unet)
   cond_dim: int = 16
   num_cond_tokens: int = 4
   dtype: Any = jnp.float32
+  attention: str = 'fused'  # fused | diffusers
 
   @nn.compact
   def embed_condition(self, z_dom: Array, drop_cond: Array | None = None) -> Array:
@@ -139,9 +168,13 @@ class PretrainedCondUNet(nn.Module):
     if x_t.shape[-1] != self.unet.in_channels:
       raise ValueError(f'latent has {x_t.shape[-1]} channels but the pretrained UNet expects '
                         f'{self.unet.in_channels} latent channels')
+    if self.attention not in ATTENTION:
+      raise ValueError(f'attention={self.attention!r}: expected one of {ATTENTION}')
     context = self.embed_condition(z_dom, drop_cond)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
-    out = self.unet(rearrange(x_t, 'b h w c -> b c h w'), t, context.astype(self.unet.dtype))
+    fused = self.attention == 'fused'
+    with nn.intercept_methods(_fused_diffusers_attention) if fused else contextlib.nullcontext():
+      out = self.unet(rearrange(x_t, 'b h w c -> b c h w'), t, context.astype(self.unet.dtype))
     return rearrange(out.sample, 'b c h w -> b h w c').astype(jnp.float32)
 
 

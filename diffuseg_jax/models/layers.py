@@ -148,11 +148,20 @@ class Upsample(nn.Module):
     return conv3x3(self.channels, self.dtype, 'conv')(x)
 
 
-def fused_attention(query: Array, key: Array, value: Array) -> Array:
-  """softmax(q k^T / sqrt(d)) v through `jax.nn.dot_product_attention`: the backend's fused kernel where it has
-  one (cuDNN flash attention for bfloat16 on GPUs), XLA's einsums elsewhere; logits and softmax in float32.
-  q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H] (flax's attention_fn layout)."""
-  return jax.nn.dot_product_attention(query, key, value)
+def fused_attention(query: Array, key: Array, value: Array, scale: float | None = None) -> Array:
+  """softmax(q k^T * scale) v (scale 1/sqrt(H) by default) through `jax.nn.dot_product_attention`: cuDNN's flash
+  attention for 16-bit inputs on a GPU where cuDNN takes the shapes (the [B, N, T, S] scores never exist), XLA's
+  einsums elsewhere; logits and softmax in float32. q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H]
+  (flax's attention_fn layout).
+
+  `implementation=None` would always take XLA's einsums, so cuDNN is asked for by name; shapes it refuses at
+  trace time (e.g. a head width over its limit) fall back to XLA's."""
+  if jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      pass
+  return jax.nn.dot_product_attention(query, key, value, scale=scale)
 
 
 class AttentionBlock(nn.Module):

@@ -42,6 +42,7 @@ from diffuseg_jax import figures, logs, synthetic_io
 from diffuseg_jax.background_writer import BackgroundWriter
 from diffuseg_jax.data import export
 from diffuseg_jax.errors import ConfigError, DataError
+from diffuseg_jax.prefetch import prefetch
 from diffuseg_jax.sampling import mask_condition, synthesis
 from diffuseg_jax.sampling.sampler import SamplerSettings
 from diffuseg_jax.stages import diffusion, student
@@ -229,32 +230,24 @@ def run(ctx) -> None:
   timing = StageTiming()
   buffers: dict[int, tuple[list, list]] = {}
   last_inputs = None
-  # One batch is always in flight: batch i + 1 is dispatched (JAX runs it asynchronously) before batch i is
-  # copied back, and finished shards are written by a background thread, so the device never waits for
+  # Batches are rendered on a background thread while the device samples, batch i + 1 is dispatched before
+  # batch i is copied back, and finished shards are written by another thread: the device never waits for
   # region rendering, the copy or the files.
+  items = (((k, idx, sel), inputs) for k, idx, sel, inputs in prefetch(batches(), depth=1))
   with BackgroundWriter(depth=cfg.writer_queue) as writer:
-    in_flight = None
-    for item in itertools.chain(batches(), [None]):
-      launched = None
-      if item is not None:
-        k, idx, sel, inputs = item
-        launched = (k, idx, sel, synthesise(*inputs))
-        last_inputs = inputs
-      if in_flight is not None:
-        k0, idx0, sel0, (images, err) = in_flight
-        images, err = np.asarray(images)[: len(sel0)], np.asarray(err)[: len(sel0)]
-        timing.batch_done(len(sel0))
-        bar.update(len(sel0))
-        bar.set_postfix(img_s=f'{timing.images / timing.elapsed():.1f}')
-        out_images, errs = buffers.setdefault(k0, ([], []))
-        out_images.append(images)
-        errs.append(err)
-        if sel0[-1] == idx0[-1]:  # the shard's last batch: hand it to the writer
-          del buffers[k0]
-          timing.max_err = max(timing.max_err, float(np.max(np.concatenate(errs))))
-          writer.submit(synthetic_io.write_shard, root, k0, np.concatenate(out_images), masks[plan[idx0]], idx0,
-                        plan[idx0], refs[idx0], mask_spacing(ctx, plan[idx0]), data.image_format)
-      in_flight = launched
+    for (k0, idx0, sel0), inputs, images, err in dispatch_in_order(synthesise, items, timing):
+      images, err, last_inputs = images[: len(sel0)], err[: len(sel0)], inputs
+      timing.batch_done(len(sel0))
+      bar.update(len(sel0))
+      bar.set_postfix(img_s=f'{timing.images / timing.elapsed():.1f}')
+      out_images, errs = buffers.setdefault(k0, ([], []))
+      out_images.append(images)
+      errs.append(err)
+      if sel0[-1] == idx0[-1]:  # the shard's last batch: hand it to the writer
+        del buffers[k0]
+        timing.max_err = max(timing.max_err, float(np.max(np.concatenate(errs))))
+        writer.submit(synthetic_io.write_shard, root, k0, np.concatenate(out_images), masks[plan[idx0]], idx0,
+                      plan[idx0], refs[idx0], mask_spacing(ctx, plan[idx0]), data.image_format)
   bar.close()
   timing.finish(writer)
   sampler_rate = bare_sampler_rate(synthesise, last_inputs, batch_size) if last_inputs is not None else None
@@ -313,9 +306,12 @@ def shards_of_this_process(root: str, num: int) -> list[int]:
 @dataclasses.dataclass
 class StageTiming:
   """Images/s of the whole stage (sampling, copying back, writing files) after its first batch, which holds
-  the compilation; `images_per_second_this_run` counts everything."""
+  the compilation; `images_per_second_this_run` counts everything. `dispatch_in_order` marks the first batch's
+  end (`first_ready`), the loop each batch back on the host (`batch_done`)."""
   start: float = dataclasses.field(default_factory=time.perf_counter)
   first_batch_done: float | None = None
+  last_batch_done: float | None = None
+  batches: int = 0
   images: int = 0
   images_after_first: int = 0
   end: float | None = None
@@ -326,29 +322,63 @@ class StageTiming:
   def elapsed(self) -> float:
     return max(time.perf_counter() - self.start, 1e-9)
 
+  def first_ready(self) -> None:
+    """The first batch's outputs are on the device (`dispatch_in_order` waits for them)."""
+    self.first_batch_done = time.perf_counter()
+
   def batch_done(self, n: int) -> None:
-    if self.first_batch_done is None:
-      self.first_batch_done = time.perf_counter()
-    else:
+    """A batch of n images is back on the host."""
+    if self.batches:
       self.images_after_first += n
+    self.batches += 1
     self.images += n
+    self.last_batch_done = time.perf_counter()
 
   def finish(self, writer: BackgroundWriter) -> None:
     self.end = time.perf_counter()  # after the writer has written the last shard
     self.writer_busy_seconds, self.writer_wait_seconds = writer.busy_seconds, writer.wait_seconds
 
   def summary(self, sampler_rate: float | None) -> dict:
-    steady = None
+    """stage_*: from the first batch's end to the last shard written; sampling_*: to the last batch back on the
+    host (the loop's own rate, without the wait for the last shard's files that a run pays once)."""
+    steady = sampling = None
     if self.images_after_first and self.first_batch_done is not None:
       steady = self.images_after_first / max(self.end - self.first_batch_done, 1e-9)
+      sampling = self.images_after_first / max(self.last_batch_done - self.first_batch_done, 1e-9)
     return {
         'images_per_second_this_run': self.images / (self.end - self.start) if self.images else None,
         'stage_images_per_second': steady,
+        'sampling_images_per_second': sampling,
         'sampler_images_per_second': sampler_rate,
         'stage_vs_sampler': (steady / sampler_rate) if steady and sampler_rate else None,
+        'sampling_vs_sampler': (sampling / sampler_rate) if sampling and sampler_rate else None,
         'writer_busy_seconds': round(self.writer_busy_seconds, 3),
         'writer_wait_seconds': round(self.writer_wait_seconds, 3),
     }
+
+
+def dispatch_in_order(synthesise, items, timing: StageTiming):
+  """(meta, inputs, images, err) for each (meta, inputs) of `items`, outputs copied to the host, in order.
+
+  Item i + 1 is dispatched before item i is copied back, so the device has the next batch queued while the
+  host copies and hands out this one. The first item is waited for before the second is dispatched, and its end
+  opens `timing`'s steady window: on a GPU, dispatching a program with a loop (the sampler's scan) returns only
+  near its end, so a first copy back made after the next dispatch would come one batch late and the window
+  would count one batch too few (measured: 1.29x the bare program's rate on an H200)."""
+  in_flight = None
+  for item in itertools.chain(items, [None]):
+    launched = None
+    if item is not None:
+      meta, inputs = item
+      outputs = synthesise(*inputs)
+      if timing.first_batch_done is None:
+        jax.block_until_ready(outputs)
+        timing.first_ready()
+      launched = (meta, inputs, outputs)
+    if in_flight is not None:
+      meta0, inputs0, (images, err) = in_flight
+      yield meta0, inputs0, np.asarray(images), np.asarray(err)
+    in_flight = launched
 
 
 def bare_sampler_rate(synthesise, inputs, batch_size: int) -> float:

@@ -140,18 +140,11 @@ def jax_samplers(case: Case):
   return jax.jit(scan), sampler.LoopSampler(_apply_eps(case.model), case.settings)
 
 
-def lower_step(loop: sampler.LoopSampler, params, inputs: dict[str, jax.Array], platform: str | None = None):
-  """The loop sampler's step lowered for this batch (its cost analysis gives the FLOPs of one step), for the
-  default backend or, with `platform` ('cpu'), for that one from the arguments' shapes alone: a GPU's lowered
-  program may offer no cost analysis (jax 0.11 on an H200), and an HLO program's FLOPs do not depend on where
-  it would run."""
+def lower_step(loop: sampler.LoopSampler, params, inputs: dict[str, jax.Array]):
+  """The loop sampler's step lowered for this batch (its cost analysis gives the FLOPs of one step)."""
   x = inputs['region']
   scalars = (jnp.int32(0), jnp.float32(0.5), jnp.float32(0.6), jnp.asarray(True))  # t, a_t, a_prev, do_blend
-  args = (params, x, jax.random.key(0), x, inputs['mask'], inputs['z_dom'], *scalars)
-  if platform is None:
-    return loop.step.lower(*args)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), args)
-  return loop.step.trace(*abstract).lower(lowering_platforms=(platform,))
+  return loop.step.lower(params, x, jax.random.key(0), x, inputs['mask'], inputs['z_dom'], *scalars)
 
 
 def jax_noise(case: Case, key: jax.Array, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

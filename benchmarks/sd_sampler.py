@@ -45,8 +45,8 @@ scores and probabilities: 2 x 64 GiB in bf16 at batch 256 and 64x64 latents, mor
 H200 at a memory fraction of 0.9) or `memory_efficient` (diffusers' loop over 64 query chunks per layer). `auto`
 (default) = fused, unless fused would be XLA's einsums (no GPU) and their tensors would take over half the
 device's memory: then memory_efficient. FLOPs are always counted on the einsum step: XLA counts a loop body once
-and does not count a cuDNN custom call. Where XLA gives no count (jax 0.11.2 on an H200: neither the GPU's nor a
-CPU lowering's analysis), --step-gflop supplies it; `--count-flops` prints it on any CPU (SD-1.x UNet, 64x64x4:
+and does not count a cuDNN custom call. Where XLA gives no count (jax 0.11.2 on an H200 gave none), --step-gflop
+supplies it; `--count-flops` prints it on any CPU (SD-1.x UNet, 64x64x4:
 781.7 GFLOP per image per step, 39.1 TFLOP per 50-step image; benchmarks/gpu.sh passes it).
 
 Measured on one H200 (benchmarks/RESULTS.md, 2026-12-04), bf16 ceiling 659-715 TFLOP/s: fused attention 10.6
@@ -301,12 +301,10 @@ def step_gflop_per_image(setup: Setup, batch: int) -> tuple[float | None, str | 
   """(GFLOP of one sampler step per image, where the count came from): XLA's cost analysis of the lowered step
   (no compile), always with diffusers' einsum attention (the memory-efficient one loops over query chunks and
   XLA counts a loop body once; the fused one is a cuDNN custom call on a GPU, which XLA does not count). Where
-  the backend's lowered program has no analysis, the same step lowered for the CPU; where that has none either
-  (jax 0.11.2 on an H200 gave none for both), `setup.step_gflop` (--step-gflop, counted by --count-flops)."""
-  loop, inputs = _loop(setup, 'default'), sampler_inputs(setup, batch)
-  flops = common.xla_flops(sampler_bench.lower_step(loop, setup.params, inputs))
-  if flops is None and jax.default_backend() != 'cpu':
-    flops = common.xla_flops(sampler_bench.lower_step(loop, setup.params, inputs, platform='cpu'))
+  the backend gives no analysis (jax 0.11.2 on an H200 gave none, also for the step lowered for its CPU),
+  `setup.step_gflop` (--step-gflop, counted on a CPU by --count-flops)."""
+  flops = common.xla_flops(sampler_bench.lower_step(_loop(setup, 'default'), setup.params,
+                                                    sampler_inputs(setup, batch)))
   if flops:
     return flops / batch / 1e9, 'xla cost analysis'
   return (setup.step_gflop, '--step-gflop') if setup.step_gflop else (None, None)

@@ -429,6 +429,21 @@ def test_group_norm_matches_flax_and_numpy(shape, groups):
     layers.GroupNorm(num_groups=5).init(jax.random.key(0), x)
 
 
+def test_fused_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch, caplog):
+  """On a GPU in bf16 cuDNN is asked for by name; where it refuses at trace time (here: no cuDNN at all, a CPU
+  posing as a GPU) the result comes from XLA's einsums, equal to numpy's, and a warning says so."""
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 6, 2, 8), (2, 5, 2, 8), (2, 5, 2, 8)))
+  logits = np.einsum('btnh,bsnh->bnts', q.astype(np.float64), k) * 0.3
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum('bnts,bsnh->btnh', p / p.sum(-1, keepdims=True), v)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with caplog.at_level('WARNING', logger='diffuseg_jax'):
+    got = layers.fused_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), scale=0.3)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-2, rtol=2e-2)
+  assert "cuDNN's flash attention refused it" in caplog.text
+
+
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_fused_attention_matches_numpy(dtype, tol):
   """layers.fused_attention against softmax(q k^T / sqrt(d)) v in float64 numpy."""

@@ -71,15 +71,12 @@ def test_attention_choice(monkeypatch):
 
 
 def test_step_flops_fallbacks(monkeypatch, capsys):
-  """Where a GPU's lowered program offers no cost analysis: the same step lowered for the CPU from abstract
-  arguments counts what the default lowering counts; where no analysis is there at all, --step-gflop is used
-  and said so; --count-flops prints the count that --step-gflop takes."""
+  """Where XLA gives no cost analysis (a GPU with jax 0.11.2), --step-gflop is used and said so; --count-flops
+  prints the count that --step-gflop takes."""
   setup, _ = sd_sampler.build(quick=True, steps=2, dtype='float32')
   loop, inputs = sd_sampler._loop(setup, 'default'), sd_sampler.sampler_inputs(setup, 2)
   direct = sd_sampler.common.xla_flops(sd_sampler.sampler_bench.lower_step(loop, setup.params, inputs))
-  abstract = sd_sampler.common.xla_flops(
-      sd_sampler.sampler_bench.lower_step(loop, setup.params, inputs, platform='cpu'))
-  assert direct and abstract == pytest.approx(direct, rel=1e-6)
+  assert direct
   assert sd_sampler.step_gflop_per_image(setup, 2) == (pytest.approx(direct / 2 / 1e9), 'xla cost analysis')
   monkeypatch.setattr(sd_sampler.common, 'xla_flops', lambda program: None)
   assert sd_sampler.step_gflop_per_image(setup, 2) == (None, None)

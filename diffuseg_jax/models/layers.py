@@ -4,6 +4,7 @@ Only plain 3x3 'SAME' convolutions, GroupNorm, SiLU, Dense and dot-product atten
 quickly on XLA CPU (the tiny-config pipeline trains on two cores) and map well onto GPU/TPU kernels.
 """
 
+import logging
 import math
 
 import flax.linen as nn
@@ -154,13 +155,18 @@ def fused_attention(query: Array, key: Array, value: Array, scale: float | None 
   einsums elsewhere; logits and softmax in float32. q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H]
   (flax's attention_fn layout).
 
-  `implementation=None` would always take XLA's einsums, so cuDNN is asked for by name; shapes it refuses at
-  trace time (e.g. a head width over its limit) fall back to XLA's."""
+  `implementation=None` would always take XLA's einsums, so cuDNN is asked for by name. jax checks cuDNN's
+  support while tracing (shape, dtype, cuDNN present) and raises ValueError, NotImplementedError or
+  RuntimeError; those fall back to XLA's einsums, with a warning once per traced shape, since they hold the
+  [B, N, T, S] scores in memory."""
   if jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16):
     try:
       return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation='cudnn')
-    except (ValueError, NotImplementedError, RuntimeError, TypeError):
-      pass
+    except (ValueError, NotImplementedError, RuntimeError) as refused:
+      reason = (str(refused).strip().splitlines() or [type(refused).__name__])[0]
+      logging.getLogger('diffuseg_jax').warning(
+          "attention q %s k %s %s: cuDNN's flash attention refused it (%s); XLA's einsums instead",
+          query.shape, key.shape, query.dtype, reason)
   return jax.nn.dot_product_attention(query, key, value, scale=scale)
 
 

@@ -207,7 +207,8 @@ def run(ctx) -> None:
   base_key = ctx.rng('synthesize')
 
   def batches():
-    """(shard, its synthesis indices, batch rows, device inputs) in order, built while the device samples."""
+    """((shard, its synthesis indices, batch rows), device inputs) in order, built on a thread (`prefetch`) while
+    the device samples."""
     for k in todo:
       idx = np.arange(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(plan)))
       for b, start in enumerate(range(0, len(idx), batch_size)):
@@ -223,7 +224,7 @@ def run(ctx) -> None:
                   jax.device_put(blend_mask.astype(np.float32), rows), jax.device_put(z_dom_all[refs[pad]], rows))
         if conditioned:  # the denoiser sees the given label map (diffusion.mask_condition)
           inputs += (jax.device_put(mask_condition.label_channels(m, data.num_classes, codec.downsample), rows),)
-        yield k, idx, sel, inputs
+        yield (k, idx, sel), inputs
 
   bar = tqdm(total=sum(len(range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(plan)))) for k in todo),
              desc='synthesize', disable=not ctx.show_progress, dynamic_ncols=True)
@@ -233,9 +234,8 @@ def run(ctx) -> None:
   # Batches are rendered on a background thread while the device samples, batch i + 1 is dispatched before
   # batch i is copied back, and finished shards are written by another thread: the device never waits for
   # region rendering, the copy or the files.
-  items = (((k, idx, sel), inputs) for k, idx, sel, inputs in prefetch(batches(), depth=1))
   with BackgroundWriter(depth=cfg.writer_queue) as writer:
-    for (k0, idx0, sel0), inputs, images, err in dispatch_in_order(synthesise, items, timing):
+    for (k0, idx0, sel0), inputs, images, err in dispatch_in_order(synthesise, prefetch(batches()), timing):
       images, err, last_inputs = images[: len(sel0)], err[: len(sel0)], inputs
       timing.batch_done(len(sel0))
       bar.update(len(sel0))

@@ -92,7 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # which colour r(m), are better (benchmarks/QUALITY.md). False: the paper's teacher.
       augment_source_intensity=True,
       # Those curves: any (half of them non-monotone, so classes in the middle of the range can swap order
-      # too, as tissue does between T1 and T2 / PD MRI) | monotone (increasing or reversed). benchmarks/QUALITY.md.
+      # too, as tissue does between T1 and T2 / PD MRI) | monotone (increasing or reversed) | classes (as any,
+      # but half of the remapped images get a random intensity per labelled class instead of a curve: every
+      # order of every number of classes). benchmarks/QUALITY.md.
       source_intensity_curves='any',
       # With those curves, also a random smooth bias field and a random blur per source image (data/intensity.py):
       # the other ways two scanners image one anatomy. benchmarks/QUALITY.md.

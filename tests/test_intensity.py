@@ -247,3 +247,84 @@ def test_bias_blur_by_hand(monkeypatch):
   monkeypatch.setattr(intensity, 'BLUR_SIGMA', 0.0)
   same = intensity.augment_intensity(image, np.random.default_rng(5), prob=0.0, noise_std=0.0, bias_blur=True)
   np.testing.assert_allclose(same, image, atol=1e-6)
+
+
+def test_class_remap_against_hand_values():
+  """Without edge smoothing each class lands on its value, its texture scaled by the gain: by hand."""
+  label = np.array([[0, 0, 1], [1, 2, 2]])
+  unit = np.array([[0.1, 0.3, 0.5], [0.7, 0.8, 0.8]])  # class means 0.2, 0.6, 0.8
+  out = intensity.class_remap(unit, label, np.array([0.9, 0.1, 0.5]), gain=2.0, edge_sigma=0.0)
+  # class 0: 0.9 + 2 * (+-0.1); class 1: 0.1 + 2 * (-+0.1) -> 0.3 and -0.1 (clipped to 0); class 2: 0.5
+  np.testing.assert_allclose(out, [[0.7, 1.0, 0.0], [0.3, 0.5, 0.5]], atol=1e-6)
+  assert out.dtype == np.float32
+
+
+def test_class_remap_smooths_only_the_offsets_at_the_borders():
+  """With edge smoothing, a class interior far from any border keeps its exact value; the offset field is
+  scipy's Gaussian filter of the per-pixel offsets."""
+  from scipy import ndimage
+
+  label = np.zeros((16, 16), np.int64)
+  label[:, 8:] = 1
+  rng = np.random.default_rng(0)
+  unit = np.where(label == 1, 0.7, 0.2) + 0.02 * rng.standard_normal((16, 16))
+  values = np.array([0.8, 0.3])
+  out = intensity.class_remap(unit, label, values, gain=1.0, edge_sigma=0.5)
+  means = np.array([unit[label == 0].mean(), unit[label == 1].mean()])
+  offset = ndimage.gaussian_filter((values - means)[label], 0.5, mode='nearest')
+  np.testing.assert_allclose(out, np.clip(unit + offset, 0, 1), atol=1e-6)
+  np.testing.assert_allclose(out[:, :5], (unit + values[0] - means[0])[:, :5], atol=1e-6)
+  np.testing.assert_allclose(out[:, 11:], (unit + values[1] - means[1])[:, 11:], atol=1e-6)
+
+
+def test_class_values_reach_every_order_of_four_classes():
+  """Per-class values give all 24 orders of four classes, including the ones a 4-knot curve rarely gives (the
+  outer classes kept, the middle two swapped: source bg < CSF < GM < WM -> bg < GM < CSF < WM)."""
+  label = np.repeat(np.arange(4), 16).reshape(8, 8)
+  image = (np.array([0.05, 0.2, 0.55, 0.85])[label] * 2 - 1)[..., None].astype(np.float32)
+  rng = np.random.default_rng(1)
+  orders = []
+  for _ in range(400):
+    out = intensity.augment_intensity(image, rng, prob=1.0, noise_std=0.0, curves='classes', label=label)
+    orders.append(tuple(np.argsort([out[..., 0][label == k].mean() for k in range(4)], kind='stable')))
+  assert len(set(orders)) == 24
+  assert orders.count((0, 2, 1, 3)) >= 5
+
+
+def test_classes_family_draws_its_curves_as_any_and_needs_labels():
+  for seed in range(20):
+    a = intensity.random_curve(np.random.default_rng(seed), curves='any')
+    b = intensity.random_curve(np.random.default_rng(seed), curves='classes')
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+  with pytest.raises(ValueError, match="'classes' need the image's label map"):
+    intensity.augment_intensity(np.zeros((4, 4, 1), np.float32), np.random.default_rng(0), curves='classes')
+  arrays = make_arrays()
+  del arrays['label']
+  with pytest.raises(ValueError, match="'classes' need a 'label' key"):
+    pipeline.train_iterator(arrays, 4, seed=0, process_index=0, process_count=1, intensity=True, curves='classes')
+
+
+def test_pipeline_classes_family_follows_each_records_label_and_resumes_exactly():
+  """Two classes imaged alike in the source: no intensity curve can tell them apart, so a record where their
+  interiors differ was remapped by class, and it must be its own label that was followed."""
+  n = 24
+  label = np.zeros((n, 12, 12), np.int32)
+  label[:, 4:, :6], label[:, 4:, 6:] = 1, 2
+  arrays = {'image': np.where(label > 0, 0.0, -1.0)[..., None].astype(np.float32), 'label': label,
+            'row': np.arange(n)}
+  make = lambda: pipeline.train_iterator(arrays, 4, seed=3, process_index=0, process_count=1, intensity=True,
+                                         curves='classes')
+  batches = list(itertools.islice(make(), 8))
+  apart = 0
+  for b in batches:
+    np.testing.assert_array_equal(b['label'], arrays['label'][b['row']])
+    interiors = b['image'][:, 6:, 1:4, 0].mean(axis=(1, 2)), b['image'][:, 6:, 8:11, 0].mean(axis=(1, 2))
+    apart += int(np.sum(np.abs(interiors[0] - interiors[1]) > 0.2))
+  assert 4 <= apart < 32  # about 0.8 * 0.5 of 32 records, less the pairs drawn close together
+  it = make()
+  list(itertools.islice(it, 5))
+  fresh = make()
+  pipeline.set_iterator_state(fresh, json.loads(json.dumps(pipeline.get_iterator_state(it))))
+  for a, b in zip(batches[5:], itertools.islice(fresh, 3), strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])

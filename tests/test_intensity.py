@@ -162,6 +162,16 @@ def test_unknown_curve_family_is_a_clear_error():
     pipeline.train_iterator(make_arrays(), 4, seed=0, process_index=0, process_count=1, intensity=True, curves='wavy')
 
 
+def _check_resumes_exactly(make, batches):
+  """An iterator moved to the saved position after 5 batches yields batches 5.. of `batches` again."""
+  it = make()
+  list(itertools.islice(it, 5))
+  fresh = make()
+  pipeline.set_iterator_state(fresh, json.loads(json.dumps(pipeline.get_iterator_state(it))))
+  for a, b in zip(batches[5:], itertools.islice(fresh, 3), strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+
+
 def test_pipeline_any_curves_reorder_classes_and_resume_exactly():
   arrays = make_arrays(24)
   make = lambda: pipeline.train_iterator(arrays, 4, seed=3, process_index=0, process_count=1, intensity=True,
@@ -174,12 +184,7 @@ def test_pipeline_any_curves_reorder_classes_and_resume_exactly():
       means = [image[label == k].mean() for k in range(3)]
       middle_not_between += int(not min(means[0], means[2]) - 0.2 < means[1] < max(means[0], means[2]) + 0.2)
   assert middle_not_between > 0
-  it = make()
-  list(itertools.islice(it, 5))
-  fresh = make()
-  pipeline.set_iterator_state(fresh, json.loads(json.dumps(pipeline.get_iterator_state(it))))
-  for a, b in zip(batches[5:], itertools.islice(fresh, 3), strict=True):
-    np.testing.assert_array_equal(a['image'], b['image'])
+  _check_resumes_exactly(make, batches)
 
 
 @pytest.mark.parametrize(('augment', 'curves', 'bias_blur'), [(True, 'any', True), (False, 'monotone', False)])
@@ -322,9 +327,4 @@ def test_pipeline_classes_family_follows_each_records_label_and_resumes_exactly(
     interiors = b['image'][:, 6:, 1:4, 0].mean(axis=(1, 2)), b['image'][:, 6:, 8:11, 0].mean(axis=(1, 2))
     apart += int(np.sum(np.abs(interiors[0] - interiors[1]) > 0.2))
   assert 4 <= apart < 32  # about 0.8 * 0.5 of 32 records, less the pairs drawn close together
-  it = make()
-  list(itertools.islice(it, 5))
-  fresh = make()
-  pipeline.set_iterator_state(fresh, json.loads(json.dumps(pipeline.get_iterator_state(it))))
-  for a, b in zip(batches[5:], itertools.islice(fresh, 3), strict=True):
-    np.testing.assert_array_equal(a['image'], b['image'])
+  _check_resumes_exactly(make, batches)

@@ -84,11 +84,10 @@ def class_remap(unit: np.ndarray, label: np.ndarray, values: np.ndarray, gain: f
   gain * unit + (values - gain * mean)[label], the second term Gaussian-smoothed over edge_sigma px so that a
   pixel of a blurred border is not pushed to one side's value. Classes absent from the image are left out."""
   unit = np.asarray(unit, np.float64)
-  classes = np.arange(len(values))
   counts = np.bincount(label.ravel(), minlength=len(values))[:len(values)]
   sums = np.bincount(label.ravel(), weights=unit.ravel(), minlength=len(values))[:len(values)]
   means = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
-  offset = (np.asarray(values, np.float64) - gain * means)[np.clip(label, 0, classes[-1])]
+  offset = (np.asarray(values, np.float64) - gain * means)[label]
   if edge_sigma > 0:
     offset = ndimage.gaussian_filter(offset, edge_sigma, mode='nearest')
   return np.clip(gain * unit + offset, 0.0, 1.0).astype(np.float32)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import jax
 
-from diffuseg_jax import runtime, stable_diffusion
+from diffuseg_jax import relabel, runtime, stable_diffusion
 from diffuseg_jax.data import DATASETS, DataSpec, intensity
 from diffuseg_jax.data.volumes import EMPTY_SLICE_POLICIES
 from diffuseg_jax.errors import ConfigError
@@ -46,6 +46,7 @@ CHOICES = {
     'diffusion.schedule': schedules.SCHEDULES,
     'diffusion.cond_mode': COND_MODES,
     'diffusion.mask_condition': mask_condition.MASK_CONDITIONS,
+    'diffusion.pseudo_labels_from': relabel.SOURCES,
     'diffusion.loss_weighting': LOSS_WEIGHTINGS,
     'diffusion.prediction_type': prediction.PREDICTION_TYPES,
     'diffusion.finetune': stable_diffusion.FINETUNE,
@@ -201,6 +202,11 @@ def _check_sizes(config) -> None:
       raise ConfigError(f'config.{key}={levels}: data.image_size={size} is not divisible by 2^{levels} = '
                         f'{2**levels}; use an image size that is a multiple of {2**levels} or fewer levels')
   a, d = config.autoencoder, config.diffusion
+  if d.pseudo_labels_from != 'student' and d.mask_condition == 'none' and config.sampling.region_content != 'rendered':
+    raise ConfigError(f'config.diffusion.pseudo_labels_from={d.pseudo_labels_from!r} changes the target labels that '
+                      'the mask-conditioned denoiser and the rendered region learn from, but this config has '
+                      "neither (diffusion.mask_condition='none', sampling.region_content="
+                      f"{config.sampling.region_content!r}); leave it at 'student'")
   if d.pretrained_unet_path and d.mask_condition != 'none':
     raise ConfigError(f'config.diffusion.mask_condition={d.mask_condition!r} adds input channels to the denoiser, '
                       'which a pretrained UNet (diffusion.pretrained_unet_path) does not have; use '

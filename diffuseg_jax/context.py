@@ -54,6 +54,13 @@ class Context:
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
 
+  def with_config(self, config: ml_collections.ConfigDict) -> Context:
+    """This run's context under another config of the same data and workdir (a first round, relabel.py):
+    the loaded data and the caches of restored parameters and verified units are shared."""
+    other = dataclasses.replace(self, config=config)
+    other.__dict__['data'] = self.data  # the cached_property's slot: the data are loaded once
+    return other
+
   # --- units (run_identity.py, units.py) ------------------------------------------------------------------
 
   @functools.cached_property

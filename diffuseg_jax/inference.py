@@ -41,6 +41,14 @@ def segment_labels_and_confidence(x: jax.Array, params, *, model) -> dict[str, j
 
 
 @functools.partial(jax.jit, static_argnames='model')
+def ensemble_labels(x: jax.Array, params_list, *, model) -> jax.Array:
+  """argmax of the mean softmax of one segmenter architecture under each params in `params_list`: int32
+  [B, H, W] (the seeds of a strategy voting as one labeller)."""
+  probs = sum(jax.nn.softmax(model.apply({'params': p}, x).astype(jnp.float32), axis=-1) for p in params_list)
+  return jnp.argmax(probs, -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames='model')
 def ffd_vae_labels(x: jax.Array, params, *, model) -> jax.Array:
   return jnp.argmax(model.apply({'params': params}, x, sample=False)['seg_logits'], -1).astype(jnp.int32)
 

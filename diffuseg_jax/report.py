@@ -113,6 +113,23 @@ def selection_lines(strategies: dict, config) -> list[str]:
           f'{steps}. Nothing is chosen on the test split.', '']
 
 
+def second_round_lines(ctx) -> list[str]:
+  """With diffusion.pseudo_labels_from=diffuseg: the diffuseg segmenters' validation Dice in both rounds."""
+  if ctx.config.diffusion.pseudo_labels_from != 'diffuseg':
+    return []
+  from diffuseg_jax import relabel
+
+  scores = relabel.validation_dice(ctx)
+  if None in scores.values():
+    return ['Second round (`diffusion.pseudo_labels_from=diffuseg`): the denoiser and the rendered region learned '
+            "the target's classes from a first round's diffuseg segmenters; without validation scores for both "
+            'rounds, nothing here says whether it helped.', '']
+  return [f'Second round (`diffusion.pseudo_labels_from=diffuseg`): the diffuseg segmenters\' mean validation Dice '
+          f'{scores["round 1"]:.3f} in the first round (whose segmentation of the target images taught this one) '
+          f'and {scores["round 2"]:.3f} in the second, reported above. On the validation split, not the test split, '
+          'this says whether the second round helped.', '']
+
+
 def write_report(ctx, metrics: dict) -> str:
   """report.md and its figures for this run (`metrics`: results.gather)."""
   from diffuseg_jax.stages import evaluate
@@ -160,6 +177,7 @@ def write_report(ctx, metrics: dict) -> str:
       '',
   ]
   lines += selection_lines(ev.get('strategies', {}), cfg)
+  lines += second_round_lines(ctx)
   if ev.get('strategies'):
     lines += ['Per-class Dice:', '', *per_class_table(ev['strategies']), '']
   if os.path.isdir(ctx.path('predictions')):
@@ -198,7 +216,7 @@ def write_report(ctx, metrics: dict) -> str:
         '',
         f'{syn["num_images"]} images; blended DDIM with {syn["num_steps"]} steps, eta {syn["eta"]}, guidance '
         f'{syn["guidance_scale"]}, blend mode {syn["blend_mode"]} until {syn["blend_until"]:.0%} of the steps, '
-        f'region content `{syn["region_content"]}`; {denoiser_words(cfg.diffusion.mask_condition)}. Pairs in '
+        f'region content `{syn["region_content"]}`; {denoiser_words(cfg.diffusion)}. Pairs in '
         '`synthetic/images/` + `synthetic/labels/`'
         + (f'; as an nnU-Net v2 raw dataset in `{syn["nnunet_dataset"]}/`.' if syn.get('nnunet_dataset')
            else '.'),
@@ -226,11 +244,17 @@ def write_report(ctx, metrics: dict) -> str:
   return path
 
 
-def denoiser_words(mask_condition: str) -> str:
-  """Which denoiser drew the images: the paper's (eq. 7) or one that also saw the label map."""
-  if mask_condition == 'none':
-    return "the denoiser sees the latent and `z_dom` (the paper's eq. 7)"
-  return f'the denoiser also sees the label map (`diffusion.mask_condition={mask_condition}`)'
+def denoiser_words(diffusion) -> str:
+  """Which denoiser drew the images (the paper's, eq. 7, or one that also saw the label map), and whose labels
+  of the target images it and the rendered region learned from (config.diffusion)."""
+  if diffusion.mask_condition == 'none':
+    words = "the denoiser sees the latent and `z_dom` (the paper's eq. 7)"
+  else:
+    words = f'the denoiser also sees the label map (`diffusion.mask_condition={diffusion.mask_condition}`)'
+  if diffusion.pseudo_labels_from == 'diffuseg':
+    words += ('; a second round: the target labels it learned from are those of a first round\'s diffuseg '
+              'segmenters (`diffusion.pseudo_labels_from=diffuseg`)')
+  return words
 
 
 def synthesis_speed(syn: dict) -> list[str]:

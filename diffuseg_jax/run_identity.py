@@ -6,7 +6,8 @@ Units, with what they consume:
   teacher                              data, seed, train, vae (the teacher's fields)
   student                              teacher, vae
   autoencoder                          data, seed, train, autoencoder
-  diffusion                            student, autoencoder, diffusion
+  diffusion                            student, autoencoder, diffusion (+ with diffusion.pseudo_labels_from=
+                                       diffuseg, the first round's segment/diffuseg_seed<k>: relabel.py)
   synthesize                           student, autoencoder, diffusion, sampling
   segment/<strategy>_seed<k>           data, seed, train, segmentation (+ synthesize for diffuseg, semi and
                                        diffuseg_st; + segment/diffuseg_seed<k> for diffuseg_st); of
@@ -44,6 +45,7 @@ NEVER = ('stages', 'mesh', 'checkpoint', 'train.progress', 'train.log_every', 's
 # fingerprint at that value, so adding them recomputes nothing.
 NEUTRAL = {'diffusion.prediction_type': 'epsilon', 'diffusion.finetune': 'full', 'diffusion.mask_condition': 'none',
            'diffusion.loss_weighting': 'uniform', 'diffusion.min_snr_gamma': 5.0,
+           'diffusion.pseudo_labels_from': 'student',
            'vae.augment_source_intensity': False, 'vae.source_intensity_curves': 'monotone', 'vae.distill_on': 'target',
            'vae.select': 'last', 'vae.select_every': 20, 'vae.augment_source_bias_blur': False,
            **{f'{s}.compute_dtype': 'inherit' for s in ('vae', 'autoencoder', 'diffusion', 'segmentation')}}
@@ -60,6 +62,9 @@ STUDENT_ONLY = ('vae.student_steps', 'vae.augment_target', 'vae.distill_on', 'va
 STRATEGIES = ('transfer', 'self', 'semi', 'diffuseg', 'diffuseg_st')  # segmentation strategies, in run order
 SYNTHETIC_STRATEGIES = ('diffuseg', 'semi', 'diffuseg_st')  # segmentation strategies trained on the synthetic pairs
 SELF_TRAINED = {'diffuseg_st': 'diffuseg'}  # strategy -> the strategy whose segmenter gives its pseudo-labels
+# An upstream unit named '<FIRST_ROUND><unit>' is <unit> of the first round of diffusion.pseudo_labels_from=
+# diffuseg (relabel.py): this config with the student's labels, so an ordinary run's unit.
+FIRST_ROUND = 'round1:'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +104,10 @@ def spec(unit: str, values: dict[str, Any] | None = None) -> UnitSpec:
   if kind == 'autoencoder':
     return UnitSpec(COMMON + ('autoencoder',))
   if kind == 'diffusion':
-    return UnitSpec(COMMON + ('diffusion',), upstream=('student', 'autoencoder'))
+    labeller = ()  # diffusion.pseudo_labels_from=diffuseg: the first round's segmenters label its data
+    if (values or {}).get('diffusion.pseudo_labels_from') == 'diffuseg':
+      labeller = tuple(f'{FIRST_ROUND}{u}' for u in first_round_labellers(values))
+    return UnitSpec(COMMON + ('diffusion',), upstream=('student', 'autoencoder', *labeller))
   if kind == 'synthesize':
     return UnitSpec(COMMON + ('sampling',), upstream=('student', 'autoencoder', 'diffusion'))
   if kind == 'segment':
@@ -121,6 +129,11 @@ def spec(unit: str, values: dict[str, Any] | None = None) -> UnitSpec:
   if kind == 'quality':
     return UnitSpec(('seed', 'data', 'eval.num_quality_images', 'eval.inception_path'), upstream=('synthesize',))
   raise ValueError(f'unknown unit {unit!r}: declare it with run_identity.register')
+
+
+def first_round_labellers(values: dict[str, Any]) -> tuple[str, ...]:
+  """The first round's segmenters that label the target for diffusion.pseudo_labels_from=diffuseg."""
+  return tuple(f'segment/{run_name("diffuseg", k)}' for k in values.get('segmentation.seeds', ()))
 
 
 def run_name(strategy: str, seed: int) -> str:
@@ -192,11 +205,14 @@ class Identity:
 class Identities:
   """The identities of one config's units (memoised: upstream fingerprints are shared)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    self._values = config_values(config)
+  def __init__(self, config: ml_collections.ConfigDict | None, values: dict[str, Any] | None = None):
+    self._values = config_values(config) if values is None else values
     self._memo: dict[str, Identity] = {}
+    self._first: Identities | None = None
 
   def __call__(self, unit: str) -> Identity:
+    if unit.startswith(FIRST_ROUND):
+      return self.first_round(unit[len(FIRST_ROUND):])
     if unit not in self._memo:
       unit_spec = spec(unit, self._values)
       fields = unit_fields(self._values, unit_spec)
@@ -204,6 +220,13 @@ class Identities:
       fingerprint = _digest({'unit': unit, 'format': FORMAT, 'fields': fields, 'upstream': upstream})
       self._memo[unit] = Identity(unit, fingerprint, fields, upstream)
     return self._memo[unit]
+
+  @property
+  def first_round(self) -> Identities:
+    """The identities of the first round (diffusion.pseudo_labels_from=student)."""
+    if self._first is None:
+      self._first = Identities(None, {**self._values, 'diffusion.pseudo_labels_from': 'student'})
+    return self._first
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -320,3 +320,40 @@ def test_self_training_strategy_adds_only_its_own_units(finished_run, tmp_path, 
   assert 'DiffuSeg + self-training' in open(os.path.join(wd, 'report.md')).read()
   spec = run_identity.spec('segment/diffuseg_st_seed0')
   assert spec.upstream == ('synthesize', 'segment/diffuseg_seed0')
+
+
+def test_second_round_relabels_the_target_with_the_first_rounds_segmenters(finished_run, tmp_path, capsys):
+  """diffusion.pseudo_labels_from=diffuseg on a finished run: the finished run is the first round (its units
+  reused, none added), and the denoiser, the synthesis and the segmenters on synthetic pairs are trained again,
+  the rendered region's class appearance measured under the first round's diffuseg segmentation of the target
+  (checked against that segmenter's argmax, applied here)."""
+  from diffuseg_jax.stages import segment, synthesize
+
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  ctx = pipeline.run(_config(**{'diffusion.pseudo_labels_from': 'diffuseg'}), wd, show_progress=False)
+  new, touched = _changes(before, _snapshot(wd))
+  assert new == {'diffusion', 'synthesize', 'segment/diffuseg_seed0', 'segment/semi_seed0', 'evaluate/diffuseg_seed0',
+                 'evaluate/semi_seed0', 'quality'}
+  assert touched == set()
+  assert ctx.identities('diffusion').upstream['round1:segment/diffuseg_seed0'] == finished_run.fingerprint(
+      'segment/diffuseg_seed0')
+  assert 'diffusion.pseudo_labels_from: <unset> -> diffuseg' in capsys.readouterr().out
+  model, params = segment.load(finished_run, 'diffuseg', 0)
+  images = finished_run.data.target.images
+  logits = np.asarray(model.apply({'params': params}, images), np.float64)
+  labels = np.argmax(logits, -1)  # one seed: the mean softmax's argmax is the logits'
+  expected = synthesize.appearance_statistics(images, labels, finished_run.data.num_classes)
+  appearance = ctx.read_results()['synthesize']['class_appearance_mean']
+  np.testing.assert_allclose(appearance, expected['mean'], atol=1e-5)
+  first = synthesize.appearance_statistics(images, diffusion_labels_of(finished_run), finished_run.data.num_classes)
+  assert not np.allclose(first['mean'], expected['mean'], atol=1e-3)  # the student's labels differ
+  report = open(os.path.join(wd, 'report.md')).read()
+  assert "a first round's diffuseg segmenters" in report
+  assert 'without validation scores for both rounds' in report  # the embedded data have no validation split
+
+
+def diffusion_labels_of(ctx):
+  from diffuseg_jax.stages import diffusion
+
+  return diffusion.pseudo_labels(ctx, ctx.data.target.images)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from diffuseg_jax import inference, losses, runtime, stable_diffusion
+from diffuseg_jax import inference, losses, relabel, runtime, stable_diffusion
 from diffuseg_jax.errors import UserError
 from diffuseg_jax.models.cond_unet import build_cond_unet
 from diffuseg_jax.sampling import mask_condition, prediction, schedules
@@ -157,8 +157,11 @@ def run(ctx) -> None:
 
 
 def pseudo_labels(ctx, images: np.ndarray, student_model=None) -> np.ndarray:
-  """[N, H, W] int32: the student's segmentation of target images (what a mask-conditioned denoiser learns
-  the target appearance of each class from)."""
+  """[N, H, W] int32: the labels of target images that a mask-conditioned denoiser (and the rendered region)
+  learns each class's target appearance from: the student's segmentation, or with
+  diffusion.pseudo_labels_from=diffuseg a first DiffuSeg round's (relabel.py)."""
+  if ctx.config.diffusion.pseudo_labels_from == 'diffuseg':
+    return relabel.target_labels(ctx, images)
   model, params = student_model or student.load(ctx)
   return np.asarray(inference.batched_apply(functools.partial(inference.ffd_vae_labels, model=model), images,
                                             ctx.config.eval.batch_size, ctx.mesh, args=(params,)), np.int32)

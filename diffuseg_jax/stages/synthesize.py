@@ -7,8 +7,9 @@ order) and a random target reference image x_ref(i) (seeded by i):
   z_dom   = T's domain code of x_ref                      (the condition)
   r(m)    = region content at noise level 0, in latent space:
               'rendered' (default): the label map painted with per-class target appearance: per-channel mean
-                and std of the reference image's pixels under T's pseudo-labels (global target statistics
-                where the reference lacks a class), i.i.d. per pixel, then encoded;
+                and std of the reference image's pixels under T's pseudo-labels (or a first round's labels,
+                diffusion.pseudo_labels_from; global target statistics where the reference lacks a class),
+                i.i.d. per pixel, then encoded;
               'label': the literal label map as intensities (class k -> -1 + 2k/(K-1) in every channel).
   x_0     = blended DDIM (sampling/sampler.py) with m = the union of foreground classes at latent resolution
   image   = decode(x_0)
@@ -123,7 +124,8 @@ MIN_CLASS_PIXELS = 4  # fewer pseudo-labelled pixels of a class in a reference i
 
 
 def class_appearance(ctx, student) -> dict[str, np.ndarray]:
-  """Per-class, per-channel mean and std of target training pixels under T's pseudo-labels.
+  """Per-class, per-channel mean and std of target training pixels under T's pseudo-labels (or the labels
+  diffusion.pseudo_labels_from names: diffusion.pseudo_labels).
 
   'image_mean'/'image_std' [N, K, C]: the statistics within each target image (its own appearance), falling
   back to 'mean'/'std' [K, C] (over all target images) where the image has < MIN_CLASS_PIXELS of a class.

@@ -1,0 +1,82 @@
+"""diffusion.pseudo_labels_from='diffuseg': a second DiffuSeg round, whose target labels come from the first.
+
+The mask-conditioned denoiser (sampling/mask_condition.py) and the pasted region's class appearance
+(stages/synthesize.class_appearance) learn how each class looks in the target from labels of the unlabelled
+target training images. The paper's source of them is the FFD-VAE student, whose accuracy on the target
+bounds what the synthetic pairs can teach (benchmarks/QUALITY.md); the DiffuSeg segmenters trained on those
+pairs often segment the target better than the student that taught them. With 'diffuseg' the labels are the
+argmax of the mean softmax of a first round's diffuseg segmenters (one per segmentation seed), and the
+denoiser, the synthesis and every segmenter on synthetic pairs are trained again with them.
+
+The first round is this config with pseudo_labels_from='student' and the diffuseg strategy: its units are an
+ordinary run's (the same fingerprints), so a finished run of that config in the workdir is reused, and what
+is missing of it (its diffusion, synthesis and diffuseg segmenters) is trained here first.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from diffuseg_jax import inference, logs, selection, units
+from diffuseg_jax.run_identity import run_name
+from diffuseg_jax.stages import segment
+
+SOURCES = ('student', 'diffuseg')  # values of diffusion.pseudo_labels_from
+FIRST_ROUND_STAGES = ('diffusion', 'synthesize', 'segment')  # the teacher, student and autoencoder are shared
+
+
+def first_round_config(config):
+  """The config of the first round: the student's labels, the diffuseg segmenters only."""
+  first = config.copy_and_resolve_references()
+  first.diffusion.pseudo_labels_from = 'student'
+  first.segmentation.strategies = 'diffuseg'
+  return first
+
+
+def first_round_context(ctx):
+  return ctx.with_config(first_round_config(ctx.config))
+
+
+def first_round(ctx):
+  """The first round's context, its units trained where they are missing."""
+  first = first_round_context(ctx)
+  for name in FIRST_ROUND_STAGES:
+    module = importlib.import_module(f'diffuseg_jax.stages.{name}')
+    if all(first.is_complete(u) for u in module.units(first)):
+      continue
+    logs.say(f'[round 1 of 2] {name}: running (diffusion.pseudo_labels_from=diffuseg: the target labels of '
+             "round 2 are this round's diffuseg segmenters)")
+    module.run(first)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'first round {name} done')
+  return first
+
+
+def target_labels(ctx, images: np.ndarray) -> np.ndarray:
+  """[N, H, W] int32: the first round's diffuseg segmenters' joint segmentation of `images` [N, H, W, C]."""
+  first = first_round(ctx)
+  loaded = [segment.load(first, 'diffuseg', int(k)) for k in ctx.config.segmentation.seeds]
+  params = tuple(p for _, p in loaded)
+  return np.asarray(inference.batched_apply(functools.partial(inference.ensemble_labels, model=loaded[0][0]),
+                                            images, ctx.config.eval.batch_size, ctx.mesh, args=(params,)), np.int32)
+
+
+def validation_dice(ctx) -> dict[str, float | None]:
+  """{'round 1', 'round 2'}: the mean over seeds of the diffuseg segmenters' validation Dice (the weights
+  chosen on the validation split, selection.py) in each round; None where a round has no such score. Read,
+  never trained: with it the validation split, not the test split, says whether the second round helped."""
+  def score(round_ctx, unit):  # read where it is: asking the context for the folder would create it
+    path = units.unit_dir(ctx.workdir, unit, round_ctx.fingerprint(unit))
+    return (units.read_json(os.path.join(path, selection.SELECTION_FILE)) or {}).get('best_val_dice')
+
+  out = {}
+  for name, round_ctx in (('round 1', first_round_context(ctx)), ('round 2', ctx)):
+    scores = [score(round_ctx, f'segment/{run_name("diffuseg", k)}') for k in ctx.config.segmentation.seeds]
+    out[name] = float(np.mean(scores)) if scores and None not in scores else None
+  return out

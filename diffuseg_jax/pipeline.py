@@ -54,20 +54,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
     say_plan(ctx, selected)
   results.publish(ctx)
   for name in selected:
-    module = stage_module(name)
-    if all(ctx.is_complete(u) for u in module.units(ctx)):
-      note = getattr(module, 'skip_note', None)
-      logs.say(f'[{name}] ' + (note(ctx) if note else 'complete for this config: reused'))
-      continue
-    start = time.perf_counter()
-    logs.say(f'[{name}] running')
-    module.run(ctx)
-    if jax.process_count() > 1:  # process 0 writes results and completion markers: others read them next
-      multihost_utils.sync_global_devices(f'stage {name} done')
-    logs.say(f'[{name}] done in {time.perf_counter() - start:.1f} s')
-    results.publish(ctx)
+    if run_stage(ctx, name):
+      results.publish(ctx)
   results.publish(ctx, report=True)
   return ctx
+
+
+def run_stage(ctx: Context, name: str, label: str = '') -> bool:
+  """Runs stage `name` unless every one of its units is complete for ctx's config; whether it ran. `label`
+  leads its log lines (a first round: relabel.py)."""
+  module = stage_module(name)
+  tag = f'[{label}] [{name}]' if label else f'[{name}]'
+  if all(ctx.is_complete(u) for u in module.units(ctx)):
+    note = getattr(module, 'skip_note', None)
+    logs.say(f'{tag} ' + (note(ctx) if note else 'complete for this config: reused'))
+    return False
+  start = time.perf_counter()
+  logs.say(f'{tag} running')
+  module.run(ctx)
+  if jax.process_count() > 1:  # process 0 writes results and completion markers: others read them next
+    multihost_utils.sync_global_devices(f'stage {tag} done')
+  logs.say(f'{tag} done in {time.perf_counter() - start:.1f} s')
+  return True
 
 
 def say_plan(ctx: Context, selected: list[str]) -> None:

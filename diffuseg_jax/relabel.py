@@ -16,14 +16,11 @@ is missing of it (its diffusion, synthesis and diffuseg segmenters) is trained h
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from diffuseg_jax import inference, logs, selection, units
+from diffuseg_jax import inference, selection, units
 from diffuseg_jax.run_identity import run_name
 from diffuseg_jax.stages import segment
 
@@ -44,17 +41,13 @@ def first_round_context(ctx):
 
 
 def first_round(ctx):
-  """The first round's context, its units trained where they are missing."""
+  """The first round's context, its units trained where they are missing (the pipeline's stage runner, its
+  log lines led by '[round 1 of 2]')."""
+  from diffuseg_jax import pipeline  # the pipeline imports the stages, which import this module
+
   first = first_round_context(ctx)
   for name in FIRST_ROUND_STAGES:
-    module = importlib.import_module(f'diffuseg_jax.stages.{name}')
-    if all(first.is_complete(u) for u in module.units(first)):
-      continue
-    logs.say(f'[round 1 of 2] {name}: running (diffusion.pseudo_labels_from=diffuseg: the target labels of '
-             "round 2 are this round's diffuseg segmenters)")
-    module.run(first)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'first round {name} done')
+    pipeline.run_stage(first, name, label='round 1 of 2')
   return first
 
 

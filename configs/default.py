@@ -149,8 +149,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mask_condition='pseudo_labels',
       # The target labels that the mask-conditioned denoiser and the pasted region's class appearance learn
       # from: student (the FFD-VAE student's segmentation) | diffuseg (a second round: those of the diffuseg
-      # segmenters of a first round run with the student's, diffuseg_jax/relabel.py; about twice the
-      # diffusion, synthesis and diffuseg training time; benchmarks/QUALITY.md)
+      # segmenters of a first round run with the student's, diffuseg_jax/relabel.py; each diffuseg segmenter
+      # keeps the round's weights that score higher on validation; about twice the diffusion, synthesis and
+      # diffuseg training time; benchmarks/QUALITY.md)
       pseudo_labels_from='student',
       loss_weighting='uniform',  # uniform (eq. 7) | min_snr (min(SNR, gamma) weighting of the x0 error)
       min_snr_gamma=5.0,

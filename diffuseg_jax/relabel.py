@@ -10,7 +10,9 @@ denoiser, the synthesis and every segmenter on synthetic pairs are trained again
 
 The first round is this config with pseudo_labels_from='student' and the diffuseg strategy: its units are an
 ordinary run's (the same fingerprints), so a finished run of that config in the workdir is reused, and what
-is missing of it (its diffusion, synthesis and diffuseg segmenters) is trained here first.
+is missing of it (its diffusion, synthesis and diffuseg segmenters) is trained here first. Each second-round
+diffuseg segmenter's weights are the better round's on the validation split (`weights_round`): the second round
+can only lose Dice where validation misjudges it.
 """
 
 from __future__ import annotations
@@ -60,16 +62,42 @@ def target_labels(ctx, images: np.ndarray) -> np.ndarray:
                                             images, ctx.config.eval.batch_size, ctx.mesh, args=(params,)), np.int32)
 
 
+def _chosen(round_ctx, seed: int) -> dict:
+  """selection.json of a round's diffuseg segmenter of `seed` ({} where there is none), read where it is:
+  asking the context for the folder would create it."""
+  unit = f'segment/{run_name("diffuseg", seed)}'
+  path = units.unit_dir(round_ctx.workdir, unit, round_ctx.fingerprint(unit))
+  return units.read_json(os.path.join(path, selection.SELECTION_FILE)) or {}
+
+
 def validation_dice(ctx) -> dict[str, float | None]:
   """{'round 1', 'round 2'}: the mean over seeds of the diffuseg segmenters' validation Dice (the weights
-  chosen on the validation split, selection.py) in each round; None where a round has no such score. Read,
-  never trained: with it the validation split, not the test split, says whether the second round helped."""
-  def score(round_ctx, unit):  # read where it is: asking the context for the folder would create it
-    path = units.unit_dir(ctx.workdir, unit, round_ctx.fingerprint(unit))
-    return (units.read_json(os.path.join(path, selection.SELECTION_FILE)) or {}).get('best_val_dice')
-
+  chosen on the validation split, selection.py) in each round, each round's own segmenters; None where a round
+  has no such score. Read, never trained."""
   out = {}
   for name, round_ctx in (('round 1', first_round_context(ctx)), ('round 2', ctx)):
-    scores = [score(round_ctx, f'segment/{run_name("diffuseg", k)}') for k in ctx.config.segmentation.seeds]
+    scores = [_chosen(round_ctx, k).get('best_val_dice') for k in ctx.config.segmentation.seeds]
     out[name] = float(np.mean(scores)) if scores and None not in scores else None
   return out
+
+
+def weights_round(ctx, seed: int) -> int:
+  """Which round's weights the diffuseg segmenter of `seed` uses in a second round: 1 where the first round's
+  weights score higher on the validation split than the second's (each chosen on it, selection.py), else 2.
+  Where there is no validation split there is nothing to choose on, and the second round's weights are used.
+  So a second round that teaches worse than the first, as measured on validation, costs time but not Dice."""
+  second = _chosen(ctx, seed)
+  first = _chosen(first_round_context(ctx), seed)
+  if second.get('selected_on') == 'val' and first.get('selected_on') == 'val':
+    if first['best_val_dice'] > second['best_val_dice']:
+      return 1
+  return 2
+
+
+def weights_context(ctx, strategy: str, seed: int):
+  """The context whose unit holds the weights of `strategy`'s segmenter of `seed`: the first round's for a
+  second round's diffuseg segmenter that scores lower on validation than the first's (`weights_round`), else
+  `ctx`. The choice is part of the unit's identity: its upstream lists the first round's segmenter."""
+  if strategy == 'diffuseg' and ctx.config.diffusion.pseudo_labels_from == 'diffuseg' and weights_round(ctx, seed) == 1:
+    return first_round_context(ctx)
+  return ctx

@@ -102,7 +102,8 @@ TRAINING_UNITS = ('teacher', 'student', 'autoencoder', 'diffusion', 'segment')
 def selection_lines(strategies: dict, config) -> list[str]:
   """Which split chose each segmenter's weights (selection.py): never the test split."""
   chosen = {s: [r.get('selection') or {} for r in v.get('per_seed', [])] for s, v in strategies.items()}
-  on_val = {s: [c['step'] for c in cs if c.get('selected_on') == 'val'] for s, cs in chosen.items()}
+  on_val = {s: [f'{c["step"]}{" (round 1)" if c.get("round") == 1 else ""}' for c in cs
+               if c.get('selected_on') == 'val'] for s, cs in chosen.items()}
   if not any(on_val.values()):
     reasons = sorted({c.get('reason') or 'last step' for cs in chosen.values() for c in cs})
     return [f'Segmenter weights: the final EMA weights ({"; ".join(reasons)}); nothing is chosen on the test '
@@ -124,10 +125,14 @@ def second_round_lines(ctx) -> list[str]:
     return ['Second round (`diffusion.pseudo_labels_from=diffuseg`): the denoiser and the rendered region learned '
             "the target's classes from a first round's diffuseg segmenters; without validation scores for both "
             'rounds, nothing here says whether it helped.', '']
+  seeds = [int(k) for k in ctx.config.segmentation.seeds]
+  kept = [k for k in seeds if relabel.weights_round(ctx, k) == 1]
+  which = (f'seed{"s" if len(kept) > 1 else ""} {", ".join(map(str, kept))} kept the first round\'s weights, which '
+           'scored higher there' if kept else 'every seed uses the second round\'s weights')
   return [f'Second round (`diffusion.pseudo_labels_from=diffuseg`): the diffuseg segmenters\' mean validation Dice '
           f'{scores["round 1"]:.3f} in the first round (whose segmentation of the target images taught this one) '
-          f'and {scores["round 2"]:.3f} in the second, reported above. On the validation split, not the test split, '
-          'this says whether the second round helped.', '']
+          f'and {scores["round 2"]:.3f} in the second. Each seed\'s DiffuSeg weights are the better round\'s on the '
+          f'validation split: {which}. Nothing is chosen on the test split.', '']
 
 
 def write_report(ctx, metrics: dict) -> str:

@@ -10,7 +10,9 @@ Units, with what they consume:
                                        diffuseg, the first round's segment/diffuseg_seed<k>: relabel.py)
   synthesize                           student, autoencoder, diffusion, sampling
   segment/<strategy>_seed<k>           data, seed, train, segmentation (+ synthesize for diffuseg, semi and
-                                       diffuseg_st; + segment/diffuseg_seed<k> for diffuseg_st); of
+                                       diffuseg_st; + segment/diffuseg_seed<k> for diffuseg_st; + the first
+                                       round's segment/diffuseg_seed<k> for diffuseg in a second round, whose
+                                       weights are the round's better on validation); of
                                        segmentation.augment_intensity only whether it names the strategy
   evaluate/<strategy>_seed<k>          segment/<strategy>_seed<k>, eval.hd_percentile
   quality                              synthesize, eval.num_quality_images, eval.inception_path
@@ -105,7 +107,7 @@ def spec(unit: str, values: dict[str, Any] | None = None) -> UnitSpec:
     return UnitSpec(COMMON + ('autoencoder',))
   if kind == 'diffusion':
     labeller = ()  # diffusion.pseudo_labels_from=diffuseg: the first round's segmenters label its data
-    if (values or {}).get('diffusion.pseudo_labels_from') == 'diffuseg':
+    if second_round(values):
       labeller = tuple(f'{FIRST_ROUND}{u}' for u in first_round_labellers(values))
     return UnitSpec(COMMON + ('diffusion',), upstream=('student', 'autoencoder', *labeller))
   if kind == 'synthesize':
@@ -115,6 +117,8 @@ def spec(unit: str, values: dict[str, Any] | None = None) -> UnitSpec:
     upstream = ('synthesize',) if strategy in SYNTHETIC_STRATEGIES else ()
     if strategy in SELF_TRAINED:
       upstream += (f'segment/{run_name(SELF_TRAINED[strategy], seed)}',)
+    if strategy == 'diffuseg' and second_round(values):  # its weights: the better round's on validation
+      upstream += (f'{FIRST_ROUND}segment/{run_name(strategy, seed)}',)
     own = () if strategy in SELF_TRAINED else ('-segmentation.st_threshold',)  # read by self-training only
     # augment_intensity lists strategies: each unit depends only on whether it is in the list (recorded only
     # when it is, so that units from before the field keep their fingerprints).
@@ -129,6 +133,11 @@ def spec(unit: str, values: dict[str, Any] | None = None) -> UnitSpec:
   if kind == 'quality':
     return UnitSpec(('seed', 'data', 'eval.num_quality_images', 'eval.inception_path'), upstream=('synthesize',))
   raise ValueError(f'unknown unit {unit!r}: declare it with run_identity.register')
+
+
+def second_round(values: dict[str, Any] | None) -> bool:
+  """Whether the config is the second round of diffusion.pseudo_labels_from=diffuseg (relabel.py)."""
+  return (values or {}).get('diffusion.pseudo_labels_from') == 'diffuseg'
 
 
 def first_round_labellers(values: dict[str, Any]) -> tuple[str, ...]:

@@ -34,6 +34,15 @@ def test_second_round_depends_on_the_first_rounds_segmenters_and_shares_everythi
   c = _config('student')
   del c.diffusion['pseudo_labels_from']
   assert Identities(c)('diffusion').fingerprint == first('diffusion').fingerprint
+  # A second round's diffuseg segmenter may keep the first round's weights (relabel.weights_round): it lists
+  # that segmenter, of its own seed only; the self-trained and semi segmenters do not.
+  assert second('segment/diffuseg_seed1').upstream[f'{FIRST_ROUND}segment/diffuseg_seed1'] == first(
+      'segment/diffuseg_seed1').fingerprint
+  assert [u for u in second('segment/diffuseg_seed1').upstream if u.startswith(FIRST_ROUND)] == [
+      f'{FIRST_ROUND}segment/diffuseg_seed1']
+  for unit in ('segment/diffuseg_st_seed0', 'segment/semi_seed0'):
+    assert not any(u.startswith(FIRST_ROUND) for u in second(unit).upstream)
+  assert not any(u.startswith(FIRST_ROUND) for u in first('segment/diffuseg_seed0').upstream)
   # The first round's segmenters do not depend on which seeds the second round has.
   assert Identities(_config(seeds=(1,)))('diffusion').upstream[f'{FIRST_ROUND}segment/diffuseg_seed1'] == (
       upstream[f'{FIRST_ROUND}segment/diffuseg_seed1'])
@@ -82,3 +91,53 @@ def test_validation_dice_of_both_rounds_is_read_from_the_units_and_creates_no_fo
       path = units.unit_dir(ctx.workdir, unit, round_ctx.fingerprint(unit))
       atomic.write_json(f'{path}/{selection.SELECTION_FILE}', {'best_val_dice': score, 'selected_on': 'val'})
   assert relabel.validation_dice(ctx) == pytest.approx({'round 1': 0.6, 'round 2': 0.75})
+
+
+def _write_selection(round_ctx, seed, chosen):
+  unit = f'segment/diffuseg_seed{seed}'
+  path = units.unit_dir(round_ctx.workdir, unit, round_ctx.fingerprint(unit))
+  atomic.write_json(f'{path}/{selection.SELECTION_FILE}', chosen)
+
+
+def test_each_seed_keeps_the_round_whose_weights_score_higher_on_validation(tmp_path, monkeypatch):
+  from diffuseg_jax import report
+  from diffuseg_jax.stages import segment
+
+  ctx = make_context(_config(seeds=(0, 1, 2, 3, 4)), tmp_path / 'wd')
+  first = relabel.first_round_context(ctx)
+  val = lambda dice: {'selected_on': 'val', 'best_val_dice': dice, 'best_step': 40}  # noqa: E731
+  last = {'selected_on': 'last step', 'reason': 'no labelled validation split', 'best_step': None}
+  cases = {  # seed: (first round's selection, second round's selection, the round whose weights are used)
+      0: (val(0.8), val(0.7), 1),
+      1: (val(0.6), val(0.7), 2),
+      2: (val(0.7), val(0.7), 2),  # a tie keeps what the config asked for
+      3: (last, last, 2),  # no validation split: nothing to choose on
+      4: (None, val(0.5), 2),  # no first-round segmenter of this seed
+  }
+  for seed, (one, two, _) in cases.items():
+    if one is not None:
+      _write_selection(first, seed, one)
+    _write_selection(ctx, seed, two)
+  assert {k: relabel.weights_round(ctx, k) for k in cases} == {k: c[2] for k, c in cases.items()}
+  unit = 'segment/diffuseg_seed0'
+  assert relabel.weights_context(ctx, 'diffuseg', 0).fingerprint(unit) == first.fingerprint(unit)
+  assert relabel.weights_context(ctx, 'diffuseg', 1) is ctx
+  assert relabel.weights_context(ctx, 'diffuseg_st', 0) is ctx  # its own weights: trained in this round only
+  assert relabel.weights_context(first, 'diffuseg', 0) is first  # an ordinary run chooses no round
+  # segment.load reads the chosen round's unit (the model and weights stubbed: only the unit is checked).
+  read = []
+  monkeypatch.setattr(segment, 'task', lambda config, spec, strategy, seed: type('T', (), {
+      'model': None, 'checkpoint': f'segment/{strategy}_seed{seed}'}))
+  monkeypatch.setitem(ctx.__dict__, 'data', type('D', (), {'spec': None}))
+  monkeypatch.setattr(selection, 'load_chosen', lambda c, t: read.append(c.fingerprint(t.checkpoint)))
+  for seed in (0, 1):
+    segment.load(ctx, 'diffuseg', seed)
+  assert read == [first.fingerprint(unit), ctx.fingerprint('segment/diffuseg_seed1')]
+  for seed in (3, 4):  # every seed scored in both rounds: the report says which kept the first round
+    _write_selection(first, seed, val(0.5))
+    _write_selection(ctx, seed, val(0.5))
+  lines = report.second_round_lines(ctx)
+  assert 'seed 0 kept the first round\'s weights' in lines[0]
+  row = {'per_seed': [{'selection': {'selected_on': 'val', 'step': 40, 'round': 1}},
+                      {'selection': {'selected_on': 'val', 'step': 120}}]}
+  assert 'diffuseg 40 (round 1), 120' in report.selection_lines({'diffuseg': row}, ctx.config)[0]

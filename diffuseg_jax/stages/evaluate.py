@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from diffuseg_jax import inference, logs, report, selection
+from diffuseg_jax import inference, logs, relabel, report, selection
 from diffuseg_jax.data import export
 from diffuseg_jax.inference import batched_apply
 from diffuseg_jax.metrics import features, image_quality
@@ -112,9 +112,12 @@ def evaluate_run(ctx, strategy: str, seed: int, unit: str, export_volumes: bool)
   pred = predict(ctx, model, params, data.test.images)
   summary = score_predictions(pred, data.test, data.class_names, is_volumetric(ctx), ctx.config.eval.hd_percentile)
   summary['seed'] = seed
-  chosen = selection.read(ctx, f'segment/{run_name(strategy, seed)}') or {}
+  weights = relabel.weights_context(ctx, strategy, seed)
+  chosen = selection.read(weights, f'segment/{run_name(strategy, seed)}') or {}
   summary['selection'] = {'selected_on': chosen.get('selected_on', 'last step'), 'step': chosen.get('best_step'),
                           'val_dice': chosen.get('best_val_dice'), 'reason': chosen.get('reason')}
+  if weights is not ctx:
+    summary['selection']['round'] = 1  # a second round's segmenter that kept the first round's weights
   path = ctx.unit_dir(unit)
   if ctx.is_main_process:
     np.savez_compressed(os.path.join(path, 'predictions.npz'), pred=pred.astype(np.int16))

@@ -103,9 +103,12 @@ def training_arrays(ctx, strategy: str, seed: int = 0) -> dict[str, np.ndarray]:
 
 def load(ctx, strategy: str, seed: int):
   """(model, params) of one finished segmentation run: the EMA weights chosen on the validation split
-  (selection.py), or the final ones."""
+  (selection.py), or the final ones; in a second round (relabel.py) a diffuseg segmenter's are the better
+  round's on validation."""
+  from diffuseg_jax import relabel  # relabel imports this module
+
   t = task(ctx.config, ctx.data.spec, strategy, seed)
-  return t.model, selection.load_chosen(ctx, t)
+  return t.model, selection.load_chosen(relabel.weights_context(ctx, strategy, seed), t)
 
 
 def run(ctx) -> None:

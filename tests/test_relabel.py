@@ -124,7 +124,9 @@ def test_each_seed_keeps_the_round_whose_weights_score_higher_on_validation(tmp_
   assert relabel.weights_context(ctx, 'diffuseg', 1) is ctx
   assert relabel.weights_context(ctx, 'diffuseg_st', 0) is ctx  # its own weights: trained in this round only
   assert relabel.weights_context(first, 'diffuseg', 0) is first  # an ordinary run chooses no round
-  # segment.load reads the chosen round's unit (the model and weights stubbed: only the unit is checked).
+  # segment.load reads the weights of the chosen round's unit. Only which unit it reads is checked here, the
+  # task and weight loading stubbed: loading real weights of both rounds is the end-to-end test's work
+  # (test_pipeline_e2e.py), and this test must not train two rounds.
   read = []
   monkeypatch.setattr(segment, 'task', lambda config, spec, strategy, seed: type('T', (), {
       'model': None, 'checkpoint': f'segment/{strategy}_seed{seed}'}))

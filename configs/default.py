@@ -94,7 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Those curves: any (half of them non-monotone, so classes in the middle of the range can swap order
       # too, as tissue does between T1 and T2 / PD MRI) | monotone (increasing or reversed) | classes (as any,
       # but half of the remapped images get a random intensity per labelled class instead of a curve: every
-      # order of every number of classes). benchmarks/QUALITY.md.
+      # order of every number of classes) | per_class (every image a random intensity per labelled class: no
+      # image keeps an order the network could learn as a shortcut). benchmarks/QUALITY.md.
       source_intensity_curves='any',
       # With those curves, also a random smooth bias field and a random blur per source image (data/intensity.py):
       # the other ways two scanners image one anatomy. benchmarks/QUALITY.md.

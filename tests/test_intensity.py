@@ -328,3 +328,30 @@ def test_pipeline_classes_family_follows_each_records_label_and_resumes_exactly(
     apart += int(np.sum(np.abs(interiors[0] - interiors[1]) > 0.2))
   assert 4 <= apart < 32  # about 0.8 * 0.5 of 32 records, less the pairs drawn close together
   _check_resumes_exactly(make, batches)
+
+
+def test_per_class_family_remaps_every_image_by_class_and_draws_as_classes():
+  """'per_class': every image takes per-class values (even with prob=0), and the stream draws exactly what
+  'classes' draws, so the two families see the same curves, noise and class values."""
+  label = np.repeat(np.arange(3), 12).reshape(6, 6)
+  image = (np.array([0.1, 0.5, 0.9])[label] * 2 - 1)[..., None].astype(np.float32)
+  for seed in range(30):
+    out = intensity.augment_intensity(image, np.random.default_rng(seed), prob=0.0, noise_std=0.0,
+                                      curves='per_class', label=label)
+    rng = np.random.default_rng(seed)  # replay: one curve, the remap coin, the noise std, the noise, the
+    intensity.random_curve(rng, curves='any')  # by-class coin, the class values, the gain
+    rng.random(), rng.uniform(0.0, 0.0), rng.standard_normal(image.shape), rng.random()
+    values = rng.uniform(0.0, 1.0, (1, 3))
+    gain = float(np.exp(rng.uniform(*np.log(intensity.GAIN_RANGE))))
+    want = intensity.class_remap((image[..., 0] + 1) / 2, label, values[0], gain) * 2 - 1
+    np.testing.assert_allclose(out[..., 0], want, atol=1e-6)
+    after = rng.random()
+    rng_classes = np.random.default_rng(seed)
+    intensity.augment_intensity(image, rng_classes, prob=0.0, noise_std=0.0, curves='classes', label=label)
+    assert rng_classes.random() == after
+  with pytest.raises(ValueError, match="'per_class' need the image's label map"):
+    intensity.augment_intensity(image, np.random.default_rng(0), curves='per_class')
+  arrays = make_arrays()
+  del arrays['label']
+  with pytest.raises(ValueError, match="'per_class' need a 'label' key"):
+    pipeline.train_iterator(arrays, 4, seed=0, process_index=0, process_count=1, intensity=True, curves='per_class')

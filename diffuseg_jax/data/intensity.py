@@ -16,7 +16,10 @@ intensity per labelled class, as label-driven synthesis of brain MRI does: every
 value in [0, 1] per channel, the texture around each class's mean is kept (scaled by one random gain in [1/2, 2]),
 and the step between classes is smoothed over EDGE_SIGMA px, so any order of any number of classes appears,
 also orders a curve of POINTS knots cannot reach (four classes whose middle two swap while the outer two stay).
-Applied with probability
+With `curves='per_class'` every image takes random per-class values (no curve, no image left in its own
+contrast), as label-driven synthesis trains contrast-agnostic segmenters: with a share of images in the source's
+own order or in orders a curve gives, a network learns that order as a shortcut and misses a target that
+reorders classes a curve cannot (benchmarks/QUALITY.md). Other families are applied with probability
 `prob`, else the image keeps its intensities. With `bias_blur` (the teacher's `vae.augment_source_bias_blur`),
 the curve is followed by the two other ways scanners differ besides contrast: a smooth multiplicative bias
 field (exp of a bilinearly upsampled BIAS_GRID x BIAS_GRID Gaussian grid whose std is drawn in [0, BIAS_STD],
@@ -38,7 +41,9 @@ NOISE_STD = 0.1  # largest additive noise std, [-1, 1] scale
 BIAS_GRID = 4  # control points per side of the bias field
 BIAS_STD = 0.3  # largest std of the log bias field: gains of about exp(+-0.6) at two std
 BLUR_SIGMA = 1.0  # largest blur std, pixels
-CURVES = ('monotone', 'any', 'classes')  # increasing or reversed | also non-monotone | also per-class values
+CURVES = ('monotone', 'any', 'classes', 'per_class')  # increasing or reversed | also non-monotone | also
+# per-class values for half of the remapped images | per-class values for every image
+BY_LABEL = ('classes', 'per_class')  # the families that read each image's label map
 EDGE_SIGMA = 0.5  # px: the per-class offsets are smoothed over a blurred edge, not stepped at the label border
 GAIN_RANGE = (0.5, 2.0)  # the per-class remap scales the texture around each class's mean by a gain in this range
 
@@ -54,8 +59,8 @@ def random_curve(rng: np.random.Generator, points: int = POINTS,
   """(xs, ys), float64 [points] each: knots of a monotone map of [0, 1] onto a random sub-range, increasing
   or (with probability 1/2) decreasing. xs run from 0 to 1; ys span at least half of [0, 1]. curves='any':
   with probability 1/2 the ys are then put in a random order (a non-monotone map over the same range); the
-  two extra draws are made whatever the outcome. 'monotone' draws exactly what it always drew; 'classes'
-  draws what 'any' draws."""
+  two extra draws are made whatever the outcome. 'monotone' draws exactly what it always drew; 'classes' and
+  'per_class' draw what 'any' draws."""
   check_curves(curves)
   inner = np.sort(rng.uniform(0.0, 1.0, points - 2))
   xs = np.concatenate([[0.0], inner, [1.0]])
@@ -113,9 +118,10 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: floa
                       bias_blur: bool = False, label: np.ndarray | None = None) -> np.ndarray:
   """float32 [H, W, C] in [-1, 1] -> float32 [H, W, C] in [-1, 1]: a random curve of family `curves` per
   channel (with probability `prob`; with 'classes', half of those images a random value per class of `label`,
-  int [H, W], instead), with `bias_blur` a random bias field and blur (module docstring), then Gaussian noise of a
-  random std in [0, noise_std]. For a given label, draws the same number of random values whatever happens, so
-  the stream does not depend on the outcome; the families draw what they drew before 'classes' existed."""
+  int [H, W], instead; with 'per_class', every image that value per class, whatever `prob`), with `bias_blur`
+  a random bias field and blur (module docstring), then Gaussian noise of a random std in [0, noise_std]. For a
+  given label, draws the same number of random values whatever happens, so the stream does not depend on the
+  outcome; the families draw what they drew before 'classes' existed."""
   image = np.asarray(image, np.float32)
   channels = image.shape[-1]
   maps = [random_curve(rng, points, curves) for _ in range(channels)]
@@ -126,11 +132,12 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: floa
     field = bias_field(image.shape[:2], rng.uniform(0.0, BIAS_STD), rng)
     blur = rng.uniform(0.0, BLUR_SIGMA)
   by_class = False
-  if curves == 'classes':
+  if curves in BY_LABEL:
     if label is None:
-      raise ValueError("intensity curves 'classes' need the image's label map")
+      raise ValueError(f"intensity curves {curves!r} need the image's label map")
     label = np.asarray(label)
-    by_class = rng.random() < 0.5
+    by_class = rng.random() < 0.5 or curves == 'per_class'
+    remap = remap or curves == 'per_class'
     values = rng.uniform(0.0, 1.0, (channels, int(label.max()) + 1))
     gain_k = float(np.exp(rng.uniform(*np.log(GAIN_RANGE))))
   out = image

@@ -127,7 +127,8 @@ def train_iterator(
       stream, so a row repeated in another epoch gets an independent transform.
     intensity: remap each record's 'image' through a random intensity curve plus noise
       (`intensity.augment_intensity`; other keys untouched), from its own seeded stream.
-    curves: the family of those curves, one of `intensity.CURVES` ('classes' reads each record's 'label').
+    curves: the family of those curves, one of `intensity.CURVES` ('classes' and 'per_class' read each record's
+      'label').
     bias_blur: with `intensity`, also a random bias field and blur per record (`intensity.augment_intensity`).
 
   Two constructions, chosen once for all processes (epochs repeated and reshuffled, never sampling with
@@ -176,8 +177,8 @@ def train_iterator(
     if 'image' not in arrays:
       raise ValueError(f'intensity augmentation needs an "image" key, got {sorted(arrays)}')
     intensity_lib.check_curves(curves)  # here, not later in a reader thread
-    if curves == 'classes' and 'label' not in arrays:
-      raise ValueError(f"intensity curves 'classes' need a 'label' key, got {sorted(arrays)}")
+    if curves in intensity_lib.BY_LABEL and 'label' not in arrays:
+      raise ValueError(f"intensity curves {curves!r} need a 'label' key, got {sorted(arrays)}")
     remap = functools.partial(_remap_image, curves=curves, bias_blur=bias_blur)
     ds = ds.random_map(remap, seed=_derive_seed(seed, index, 2))
   if whole_epochs:

@@ -330,28 +330,50 @@ def test_pipeline_classes_family_follows_each_records_label_and_resumes_exactly(
   _check_resumes_exactly(make, batches)
 
 
-def test_per_class_family_remaps_every_image_by_class_and_draws_as_classes():
-  """'per_class': every image takes per-class values (even with prob=0), and the stream draws exactly what
-  'classes' draws, so the two families see the same curves, noise and class values."""
+def test_per_class_family_remaps_every_image_by_class_on_spaced_values():
+  """'per_class': every image takes per-class values (even with prob=0): the spaced values of the replayed draws
+  (one curve, the remap coin, the noise std, the noise, the by-class coin, the uniform values, the order, the
+  gain), remapped by class_remap."""
   label = np.repeat(np.arange(3), 12).reshape(6, 6)
   image = (np.array([0.1, 0.5, 0.9])[label] * 2 - 1)[..., None].astype(np.float32)
   for seed in range(30):
     out = intensity.augment_intensity(image, np.random.default_rng(seed), prob=0.0, noise_std=0.0,
                                       curves='per_class', label=label)
-    rng = np.random.default_rng(seed)  # replay: one curve, the remap coin, the noise std, the noise, the
-    intensity.random_curve(rng, curves='any')  # by-class coin, the class values, the gain
+    rng = np.random.default_rng(seed)
+    intensity.random_curve(rng, curves='any')
     rng.random(), rng.uniform(0.0, 0.0), rng.standard_normal(image.shape), rng.random()
-    values = rng.uniform(0.0, 1.0, (1, 3))
+    uniform = rng.uniform(0.0, 1.0, (1, 3))
+    order = rng.permutation(3)
+    values = (order + 0.25 + 0.5 * uniform[0]) / 3
     gain = float(np.exp(rng.uniform(*np.log(intensity.GAIN_RANGE))))
-    want = intensity.class_remap((image[..., 0] + 1) / 2, label, values[0], gain) * 2 - 1
+    want = intensity.class_remap((image[..., 0] + 1) / 2, label, values, gain) * 2 - 1
     np.testing.assert_allclose(out[..., 0], want, atol=1e-6)
-    after = rng.random()
-    rng_classes = np.random.default_rng(seed)
-    intensity.augment_intensity(image, rng_classes, prob=0.0, noise_std=0.0, curves='classes', label=label)
-    assert rng_classes.random() == after
   with pytest.raises(ValueError, match="'per_class' need the image's label map"):
     intensity.augment_intensity(image, np.random.default_rng(0), curves='per_class')
   arrays = make_arrays()
   del arrays['label']
   with pytest.raises(ValueError, match="'per_class' need a 'label' key"):
     pipeline.train_iterator(arrays, 4, seed=0, process_index=0, process_count=1, intensity=True, curves='per_class')
+
+
+def test_spaced_class_values_keep_classes_apart_in_every_order():
+  """By hand for a fixed order; over many draws every order of three classes appears and no two classes of an
+  image are closer than 0.5 / K, while uniform values are often closer."""
+  class Fixed:
+    def permutation(self, k):
+      return np.array([2, 0, 1])[:k]
+
+  np.testing.assert_allclose(intensity.spaced_class_values(np.array([[0.0, 0.5, 1.0]]), Fixed()),
+                             [[(2 + 0.25) / 3, (0 + 0.5) / 3, (1 + 0.75) / 3]])
+  rng = np.random.default_rng(0)
+  orders, gaps, uniform_gaps = set(), [], []
+  for _ in range(300):
+    u = rng.uniform(0.0, 1.0, (2, 3))
+    v = intensity.spaced_class_values(u, rng)
+    assert v.shape == (2, 3) and v.min() >= 0.25 / 3 and v.max() <= 1 - 0.25 / 3
+    orders.add(tuple(np.argsort(v[0])))
+    gaps.append(np.diff(np.sort(v, axis=1), axis=1).min())
+    uniform_gaps.append(np.diff(np.sort(u, axis=1), axis=1).min())
+  assert len(orders) == 6
+  assert min(gaps) >= 0.5 / 3 - 1e-12
+  assert np.mean(np.array(uniform_gaps) < 0.5 / 3) > 0.3

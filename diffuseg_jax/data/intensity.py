@@ -16,10 +16,13 @@ intensity per labelled class, as label-driven synthesis of brain MRI does: every
 value in [0, 1] per channel, the texture around each class's mean is kept (scaled by one random gain in [1/2, 2]),
 and the step between classes is smoothed over EDGE_SIGMA px, so any order of any number of classes appears,
 also orders a curve of POINTS knots cannot reach (four classes whose middle two swap while the outer two stay).
-With `curves='per_class'` every image takes random per-class values (no curve, no image left in its own
-contrast), as label-driven synthesis trains contrast-agnostic segmenters: with a share of images in the source's
-own order or in orders a curve gives, a network learns that order as a shortcut and misses a target that
-reorders classes a curve cannot (benchmarks/QUALITY.md). Other families are applied with probability
+With `curves='per_class'` every image takes per-class values (no curve, no image left in its own contrast), as
+label-driven synthesis trains contrast-agnostic segmenters: with a share of images in the source's own order or
+in orders a curve gives, a network learns that order as a shortcut and misses a target that reorders classes a
+curve cannot (benchmarks/QUALITY.md). Its K values are K evenly spaced levels in a random order, each jittered
+within the middle half of its bin ((order + 0.25 + 0.5 u) / K), so any two classes differ by at least 0.5 / K:
+uniform values would often draw two classes alike, and a 1-px vessel imaged at its background's intensity
+teaches nothing but noise. Other families are applied with probability
 `prob`, else the image keeps its intensities. With `bias_blur` (the teacher's `vae.augment_source_bias_blur`),
 the curve is followed by the two other ways scanners differ besides contrast: a smooth multiplicative bias
 field (exp of a bilinearly upsampled BIAS_GRID x BIAS_GRID Gaussian grid whose std is drawn in [0, BIAS_STD],
@@ -113,6 +116,16 @@ def _linear_weights(n: int, grid: int) -> np.ndarray:
                   axis=1)
 
 
+def spaced_class_values(uniform: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """float64 [C, K] in [0, 1] -> float64 [C, K]: per channel, K levels in a random order (one permutation drawn
+  per channel), level k at (k + 0.25 + 0.5 u) / K for the given uniform draws u, so two classes of a channel
+  differ by at least 0.5 / K."""
+  uniform = np.asarray(uniform, np.float64)
+  k = uniform.shape[1]
+  order = np.stack([rng.permutation(k) for _ in range(uniform.shape[0])])
+  return (order + 0.25 + 0.5 * uniform) / k
+
+
 def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: float = PROB,
                       noise_std: float = NOISE_STD, points: int = POINTS, curves: str = 'monotone',
                       bias_blur: bool = False, label: np.ndarray | None = None) -> np.ndarray:
@@ -139,6 +152,8 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, *, prob: floa
     by_class = rng.random() < 0.5 or curves == 'per_class'
     remap = remap or curves == 'per_class'
     values = rng.uniform(0.0, 1.0, (channels, int(label.max()) + 1))
+    if curves == 'per_class':
+      values = spaced_class_values(values, rng)
     gain_k = float(np.exp(rng.uniform(*np.log(GAIN_RANGE))))
   out = image
   if remap and by_class:

@@ -91,12 +91,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (data/intensity.py), so that S does not learn the source's contrast and its pseudo-labels of the target,
       # which colour r(m), are better (benchmarks/QUALITY.md). False: the paper's teacher.
       augment_source_intensity=True,
-      # Those curves: any (half of them non-monotone, so classes in the middle of the range can swap order
-      # too, as tissue does between T1 and T2 / PD MRI) | monotone (increasing or reversed) | classes (as any,
-      # but half of the remapped images get a random intensity per labelled class instead of a curve: every
-      # order of every number of classes) | per_class (every image a random intensity per labelled class: no
-      # image keeps an order the network could learn as a shortcut). benchmarks/QUALITY.md.
-      source_intensity_curves='any',
+      # Those curves: per_class (every image a random intensity per labelled class, evenly spaced levels in a
+      # random order: no image keeps an order the network could learn as a shortcut) | any (half of them
+      # non-monotone, so classes in the middle of the range can swap order too, as tissue does between T1 and
+      # T2 / PD MRI) | monotone (increasing or reversed) | classes (as any, but half of the remapped images get
+      # a random intensity per labelled class instead of a curve). benchmarks/QUALITY.md.
+      source_intensity_curves='per_class',
       # With those curves, also a random smooth bias field and a random blur per source image (data/intensity.py):
       # the other ways two scanners image one anatomy. benchmarks/QUALITY.md.
       augment_source_bias_blur=False,

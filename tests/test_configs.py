@@ -149,7 +149,7 @@ def test_mnist_m_presets_are_frozen():
   assert quick.segmentation.seeds == (0,) and quick.data.num_source == 1000
   assert full.vae.augment_source_intensity and quick.vae.augment_source_intensity  # the teacher on intensity curves
   assert full.vae.select == quick.vae.select == 'val'  # teacher and student chosen on validation where it exists
-  assert full.vae.source_intensity_curves == quick.vae.source_intensity_curves == 'any'  # non-monotone too
+  assert full.vae.source_intensity_curves == quick.vae.source_intensity_curves == 'per_class'  # no class order kept
 
 
 def test_default_stages_are_the_pipeline_stages():

@@ -165,10 +165,10 @@ def test_fingerprints_follow_the_fields_each_unit_reads():
   papers_teacher = Identities(_config(**{'vae.augment_source_intensity': False}))  # the default is True
   assert all(base(u).fingerprint != papers_teacher(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
   assert base('segment/transfer_seed0').fingerprint == papers_teacher('segment/transfer_seed0').fingerprint
-  monotone = Identities(_config(**{'vae.source_intensity_curves': 'monotone'}))  # a teacher field (default any)
+  monotone = Identities(_config(**{'vae.source_intensity_curves': 'monotone'}))  # a teacher field (default per_class)
   assert all(base(u).fingerprint != monotone(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
   assert 'vae.source_intensity_curves' not in monotone('teacher').fields  # neutral: earlier workdirs keep units
-  assert base('teacher').fields['vae.source_intensity_curves'] == 'any'
+  assert base('teacher').fields['vae.source_intensity_curves'] == 'per_class'
   final = Identities(_config(**{'vae.select': 'last'}))  # the paper's final teacher and student (default val)
   assert all(base(u).fingerprint != final(u).fingerprint for u in ('teacher', 'student', 'synthesize'))
   assert 'vae.select' not in final('teacher').fields and 'vae.select_every' not in final('teacher').fields  # neutral

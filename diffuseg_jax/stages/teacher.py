@@ -2,12 +2,12 @@
 
 Batches: {'image': [B,H,W,C] f32 in [-1,1], 'label': [B,H,W] int32}. Loss: seg_weight (CE + soft Dice),
 L2 reconstruction, beta (KL(z_seg) + KL(z_dom)) (`losses.teacher_loss`). `vae.augment_source_intensity`
-remaps each source image through a random intensity curve (`data/intensity.py`; of the family
-`vae.source_intensity_curves`; with `vae.augment_source_bias_blur` also a random bias field and blur): a
-teacher that does not rely on the source's contrast labels the target better, and the student, `r(m)` and the
-pseudo-labels inherit that. `vae.select='val'`: the weights whose segmentation head scores best on the
-labelled target validation split (selection.py) are the teacher the student distils; how long a teacher
-should be trained before it fits the source's appearance depends on the data.
+gives each source image random intensities (`data/intensity.py`; by default a random value per labelled class,
+or a random intensity curve, as `vae.source_intensity_curves` says; with `vae.augment_source_bias_blur` also a
+random bias field and blur): a teacher that does not rely on the source's contrast labels the target better,
+and the student, `r(m)` and the pseudo-labels inherit that. `vae.select='val'`: the weights whose segmentation
+head scores best on the labelled target validation split (selection.py) are the teacher the student distils;
+how long a teacher should be trained before it fits the source's appearance depends on the data.
 """
 
 from __future__ import annotations

@@ -87,11 +87,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Student T is distilled on: target (unlabelled target images) | target_and_source (the source images too,
       # labels unused: the paper's "using the given segmentation dataset" read literally).
       distill_on='target',
-      # Teacher S: each source image remapped through a random intensity curve (sometimes reversed) plus noise
-      # (data/intensity.py), so that S does not learn the source's contrast and its pseudo-labels of the target,
-      # which colour r(m), are better (benchmarks/QUALITY.md). False: the paper's teacher.
+      # Teacher S: each source image given random intensities (a value per labelled class, or a random intensity
+      # curve: source_intensity_curves) plus noise (data/intensity.py), so that S does not learn the source's
+      # contrast and its pseudo-labels of the target, which colour r(m), are better (benchmarks/QUALITY.md).
+      # False: the paper's teacher.
       augment_source_intensity=True,
-      # Those curves: per_class (every image a random intensity per labelled class, evenly spaced levels in a
+      # Which intensities: per_class (every image a random intensity per labelled class, evenly spaced levels in a
       # random order: no image keeps an order the network could learn as a shortcut) | any (half of them
       # non-monotone, so classes in the middle of the range can swap order too, as tissue does between T1 and
       # T2 / PD MRI) | monotone (increasing or reversed) | classes (as any, but half of the remapped images get

@@ -79,6 +79,7 @@ def setting_config(name: str, preset: str, data_root: str | None, seeds: tuple[i
     default = load_config('default')  # configs/test.py runs the paper's loop; the harness measures the default
     config.diffusion.mask_condition = default.diffusion.mask_condition
     config.sampling.blend_until = default.sampling.blend_until
+    config.diffusion.pseudo_labels_from = default.diffusion.pseudo_labels_from
     config.segmentation.steps = 6
     config.segmentation.select_every = 3
   elif preset == 'quick':  # configs/mnist_m.py:quick's networks and steps: a screen of candidates in minutes

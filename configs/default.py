@@ -153,8 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # from: student (the FFD-VAE student's segmentation) | diffuseg (a second round: those of the diffuseg
       # segmenters of a first round run with the student's, diffuseg_jax/relabel.py; each diffuseg segmenter
       # keeps the round's weights that score higher on validation; about twice the diffusion, synthesis and
-      # diffuseg training time; benchmarks/QUALITY.md)
-      pseudo_labels_from='student',
+      # diffuseg training time; benchmarks/QUALITY.md) | auto (diffuseg where the data has a labelled
+      # validation split to choose each seed's round on, else student: the run logs which, config.json records it)
+      pseudo_labels_from='auto',
       loss_weighting='uniform',  # uniform (eq. 7) | min_snr (min(SNR, gamma) weighting of the x0 error)
       min_snr_gamma=5.0,
       steps=4000,

@@ -27,6 +27,9 @@ def get_config(arg: str | None = None):
   # The paper's loop (eq. 7's denoiser, blending every step): the tests that pin what each step pastes use it;
   # the mask-conditioned default runs in tests/test_pipeline_e2e.py and tests/test_mask_condition.py.
   c.diffusion.mask_condition = 'none'
+  # One round on every dataset (default 'auto' runs a second where there is a validation split): the tests of
+  # the second round and of 'auto' set it (tests/test_relabel.py, tests/test_pipeline_e2e.py).
+  c.diffusion.pseudo_labels_from = 'student'
   c.sampling.update(num_steps=4, batch_size=16, shard_size=16, num_masks=32, blend_until=1.0)
   c.segmentation.update(base_channels=8, levels=1, steps=4, batch_size=16, seeds=(0,),
                         strategies='transfer,self,semi,diffuseg')

@@ -202,7 +202,7 @@ def _check_sizes(config) -> None:
       raise ConfigError(f'config.{key}={levels}: data.image_size={size} is not divisible by 2^{levels} = '
                         f'{2**levels}; use an image size that is a multiple of {2**levels} or fewer levels')
   a, d = config.autoencoder, config.diffusion
-  if d.pseudo_labels_from != 'student' and d.mask_condition == 'none' and config.sampling.region_content != 'rendered':
+  if d.pseudo_labels_from == 'diffuseg' and d.mask_condition == 'none' and config.sampling.region_content != 'rendered':
     raise ConfigError(f'config.diffusion.pseudo_labels_from={d.pseudo_labels_from!r} changes the target labels that '
                       'the mask-conditioned denoiser and the rendered region learn from, but this config has '
                       "neither (diffusion.mask_condition='none', sampling.region_content="

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from diffuseg_jax import atomic, logs, preflight, report, results, runtime, stable_diffusion, units
+from diffuseg_jax import atomic, logs, preflight, relabel, report, results, runtime, stable_diffusion, units
 from diffuseg_jax.config_validation import check_networks, parse_stages, validate
 from diffuseg_jax.context import Context
 from diffuseg_jax.stages import STAGES
@@ -40,6 +40,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   ctx = Context(config=config, workdir=workdir, mesh=make_mesh(config.mesh), show_progress=show_progress,
                 stages=tuple(selected))
   preflight.check_data(ctx)  # load the data: one line per split, and stop on data no stage could use
+  second_round = relabel.resolve_auto(ctx)  # 'auto' needs the data (a validation split?); before any fingerprint
   check_networks(config, ctx.data.spec)  # load and check the data, then every network, before any output
   _prepare_workdir(workdir)
   logs.setup(workdir)
@@ -51,6 +52,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
          f'({jax.devices()[0].platform}), {jax.process_count()} process(es); stages: {", ".join(selected)}')
     logs.say(f'data: {counts["num_source"]} source, {counts["num_target"]} target (training), '
              f'{counts["num_test"]} test images' + ('; few-shot target' if counts['few_shot_target'] else ''))
+    if second_round:
+      logs.say(second_round)
     say_plan(ctx, selected)
   results.publish(ctx)
   for name in selected:

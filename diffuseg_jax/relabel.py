@@ -12,7 +12,8 @@ The first round is this config with pseudo_labels_from='student' and the diffuse
 ordinary run's (the same fingerprints), so a finished run of that config in the workdir is reused, and what
 is missing of it (its diffusion, synthesis and diffuseg segmenters) is trained here first. Each second-round
 diffuseg segmenter's weights are the better round's on the validation split (`weights_round`): the second round
-can only lose Dice where validation misjudges it.
+can only lose Dice where validation misjudges it. 'auto' (the default) runs the second round only where that
+choice can be made (`resolve_auto`): data with a labelled validation split.
 """
 
 from __future__ import annotations
@@ -23,11 +24,35 @@ import os
 import numpy as np
 
 from diffuseg_jax import inference, selection, units
-from diffuseg_jax.run_identity import run_name
+from diffuseg_jax.options import strategy_subset
+from diffuseg_jax.run_identity import STRATEGIES, run_name
 from diffuseg_jax.stages import segment
 
-SOURCES = ('student', 'diffuseg')  # values of diffusion.pseudo_labels_from
+SOURCES = ('student', 'diffuseg', 'auto')  # values of diffusion.pseudo_labels_from
 FIRST_ROUND_STAGES = ('diffusion', 'synthesize', 'segment')  # the teacher, student and autoencoder are shared
+
+
+def resolve_auto(ctx) -> str | None:
+  """diffusion.pseudo_labels_from='auto' -> 'diffuseg' where each seed can keep the better round on a labelled
+  validation split (so a second round costs time, not Dice, unless validation misjudges it), the denoiser learns
+  from the labels (a mask-conditioned denoiser: what the second round was measured with, benchmarks/QUALITY.md;
+  the Stable Diffusion route's is not) and a diffuseg segmenter is trained; else 'student'. Written into
+  ctx.config before any fingerprint, so the run's identities and config.json record what it ran. Returns the
+  line to log, or None when the field was not 'auto'."""
+  config = ctx.config
+  if config.diffusion.pseudo_labels_from != 'auto':
+    return None
+  why = selection.wants_validation(ctx, 'segmentation.select')
+  if why is None and config.diffusion.mask_condition == 'none':  # measured with the mask-conditioned denoiser only
+    why = 'the denoiser does not see a label map (diffusion.mask_condition=none)'
+  if why is None and 'diffuseg' not in strategy_subset(config.segmentation.strategies, STRATEGIES,
+                                                      'segmentation.strategies'):
+    why = 'no diffuseg segmenter is trained'
+  config.diffusion.pseudo_labels_from = 'student' if why else 'diffuseg'
+  if why:
+    return f"diffusion.pseudo_labels_from=auto -> student (one round: {why})"
+  return ('diffusion.pseudo_labels_from=auto -> diffuseg (a second round, each seed keeping the round that '
+          'scores higher on the validation split)')
 
 
 def first_round_config(config):

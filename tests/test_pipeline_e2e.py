@@ -353,6 +353,19 @@ def test_second_round_relabels_the_target_with_the_first_rounds_segmenters(finis
   assert 'without validation scores for both rounds' in report  # the embedded data have no validation split
 
 
+def test_auto_is_one_round_without_a_validation_split_and_the_run_records_it(finished_run, tmp_path, capsys):
+  """diffusion.pseudo_labels_from=auto on the embedded data (no validation split to choose a round on): the run
+  says why it takes one round, reuses every unit of the finished one-round run and records 'student'."""
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  pipeline.run(_config(**{'diffusion.pseudo_labels_from': 'auto'}), wd, show_progress=False)
+  assert _changes(before, _snapshot(wd)) == (set(), set())
+  out = capsys.readouterr().out
+  assert 'diffusion.pseudo_labels_from=auto -> student (one round: no labelled validation split)' in out
+  with open(os.path.join(wd, 'config.json')) as f:
+    assert json.load(f)['diffusion']['pseudo_labels_from'] == 'student'
+
+
 def diffusion_labels_of(ctx):
   from diffuseg_jax.stages import diffusion
 

@@ -2,6 +2,8 @@
 its summary is the stated means, and the whole harness runs at the smoke size."""
 
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -108,3 +110,21 @@ def test_no_generated_image_is_flat_or_blown_out(name):
     assert np.mean((image == 0) | (image == 255)) < 0.5
   field = quality_data.smooth_noise(rng, 32, 8.0)
   assert abs(field.mean()) < 1e-9 and field.std() == pytest.approx(1.0)
+
+
+def test_the_harness_runs_a_generated_setting_end_to_end_at_the_smoke_size(tmp_path, capsys):
+  """`python -m benchmarks.quality --preset=smoke` on one generated setting: data written, the default pipeline
+  (a second round: the setting has a validation split) run for every strategy, the table and the summary line
+  printed, and the summary file holding the same numbers. Its Dice values mean nothing at this size."""
+  summary = quality.main(['--preset=smoke', '--settings=multiclass', '--seeds=0', f'--workdir={tmp_path}'])
+  out = capsys.readouterr().out
+  assert 'diffusion.pseudo_labels_from=auto -> diffuseg' in out
+  assert (tmp_path / 'data' / 'multiclass_smoke' / 'labels.json').exists()
+  saved = json.loads((tmp_path / 'summary_smoke.json').read_text())
+  strategies = saved['results']['multiclass']['strategies']
+  assert set(strategies) == set(quality.STRATEGIES)
+  assert saved['summary'] == summary and summary['settings'] == 1
+  d, t, o = (strategies[k]['dice_mean'] for k in ('diffuseg', 'transfer', 'self'))
+  assert summary['diffuseg_minus_transfer'] == pytest.approx(d - t)
+  assert summary['diffuseg_frac_of_oracle'] == pytest.approx(d / o)
+  assert out.strip().splitlines()[-1] == quality.summary_line(summary)

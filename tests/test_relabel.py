@@ -143,3 +143,54 @@ def test_each_seed_keeps_the_round_whose_weights_score_higher_on_validation(tmp_
   row = {'per_seed': [{'selection': {'selected_on': 'val', 'step': 40, 'round': 1}},
                       {'selection': {'selected_on': 'val', 'step': 120}}]}
   assert 'diffuseg 40 (round 1), 120' in report.selection_lines({'diffuseg': row}, ctx.config)[0]
+
+
+class _Val:
+  def __init__(self, n, labelled=True):
+    self.n, self.labelled = n, labelled
+
+  def __len__(self):
+    return self.n
+
+
+def _auto_context(val, **fields):
+  import types
+
+  c = tiny_config()
+  c.diffusion.update(pseudo_labels_from='auto', mask_condition='pseudo_labels')
+  c.segmentation.strategies = 'transfer,self,diffuseg'
+  for dotted, value in fields.items():
+    section, name = dotted.split('.')
+    c[section][name] = value
+  return types.SimpleNamespace(config=c, data=types.SimpleNamespace(val=val))
+
+
+@pytest.mark.parametrize('val, fields, expected, why', [
+    (_Val(50), {}, 'diffuseg', None),
+    (None, {}, 'student', 'no labelled validation split'),
+    (_Val(0), {}, 'student', 'no labelled validation split'),
+    (_Val(50, labelled=False), {}, 'student', 'no labelled validation split'),
+    (_Val(50), {'segmentation.select': 'last'}, 'student', 'segmentation.select=last'),
+    (_Val(50), {'diffusion.mask_condition': 'none'}, 'student', 'diffusion.mask_condition=none'),
+    (_Val(50), {'sampling.region_content': 'label'}, 'diffuseg', None),
+    (_Val(50), {'segmentation.strategies': 'transfer,self'}, 'student', 'no diffuseg segmenter'),
+])
+def test_auto_runs_a_second_round_only_where_validation_can_choose_each_seeds_round(val, fields, expected, why):
+  """'auto' -> 'diffuseg' exactly where a labelled validation split chooses between the rounds, the denoiser
+  sees the label map and a diffuseg segmenter is trained; the resolved value replaces 'auto' in the config (so
+  the fingerprints and config.json say what ran) and the logged line says why."""
+  ctx = _auto_context(val, **fields)
+  line = relabel.resolve_auto(ctx)
+  assert ctx.config.diffusion.pseudo_labels_from == expected
+  assert line.startswith(f'diffusion.pseudo_labels_from=auto -> {expected}')
+  if why:
+    assert why in line
+  validate(ctx.config)
+  # Resolved, the fingerprints are those of the value written out: a one-round run's are an ordinary run's.
+  explicit = tiny_config()
+  explicit.diffusion.update(pseudo_labels_from=expected, mask_condition=ctx.config.diffusion.mask_condition)
+  explicit.sampling.region_content = ctx.config.sampling.region_content
+  explicit.segmentation.update(strategies=ctx.config.segmentation.strategies, select=ctx.config.segmentation.select)
+  assert Identities(ctx.config)('synthesize').fingerprint == Identities(explicit)('synthesize').fingerprint
+  # A value other than 'auto' is left alone.
+  assert relabel.resolve_auto(ctx) is None and ctx.config.diffusion.pseudo_labels_from == expected
